@@ -1,0 +1,168 @@
+"""Attention over a paged KV pool: metadata, K/V writes, and the pure-PyTorch reference.
+
+The pool of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A sequence's cache is the concatenation of the blocks in its block-table row; its key `j`
+(0-based, in cache order) lives in block `block_tables[s, j // block_size]` at offset
+`j % block_size`.
+
+Keys are stored *before* RoPE and rotated when attention reads them, each at its index in
+the cache (0..context_len-1), while the query is rotated at its own cache position. Without
+eviction this is ordinary RoPE; with StreamingLLM eviction, dropping blocks from a block table
+renumbers the kept keys for free and shared blocks are never rewritten (DESIGN.md, option b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to, for one forward.
+
+    Sequences are ordered decodes first: the first `num_decode_seqs` have exactly one new
+    token, so decode tokens are `[:num_decode_seqs]` of the flat batch.
+    """
+
+    positions: torch.Tensor  # [T] int64 cache position of each new token (rotary + causal)
+    slot_mapping: torch.Tensor  # [T] int64 pool slot (block * block_size + offset) of each new K/V
+    block_tables: torch.Tensor  # [B, max_blocks] int64 physical block ids (padding: 0)
+    context_lens: torch.Tensor  # [B] int64 cache length of each sequence after this step
+    query_start_loc: torch.Tensor  # [B + 1] int64 offsets of each sequence's new tokens
+    num_decode_seqs: int
+    max_query_len: int
+    max_decode_context_len: int
+    max_prefill_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        """Metadata for sequences whose last `query_lens[i]` cache entries are this step's tokens.
+
+        The leading sequences with one new token take the decode path; any order is correct,
+        decodes first is fastest.
+        """
+        num_decode = 0
+        while num_decode < len(query_lens) and query_lens[num_decode] == 1:
+            num_decode += 1
+        num_seqs = len(query_lens)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        tables = torch.tensor(padded, dtype=torch.int64).view(num_seqs, max_blocks)
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
+        starts = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(q_lens, 0, out=starts[1:])
+        # Each new token sits at the end of its sequence's cache: positions ctx - q .. ctx - 1.
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+        offset = torch.arange(int(starts[-1])) - starts[seq_of_token]  # [T]
+        positions = (ctx_lens - q_lens)[seq_of_token] + offset  # [T]
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
+            block_tables=tables.to(device),
+            context_lens=ctx_lens.to(device),
+            query_start_loc=starts.to(device),
+            num_decode_seqs=num_decode,
+            max_query_len=max(query_lens, default=0),
+            max_decode_context_len=max(context_lens[:num_decode], default=0),
+            max_prefill_context_len=max(context_lens[num_decode:], default=0),
+        )
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new k, v [T, num_kv_heads, head_dim] at their pool slots."""
+    num_kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The first num_keys cache entries of each sequence: [B, num_keys, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    key_index = torch.arange(num_keys, device=cache.device)
+    slots = block_tables[:, key_index // block_size] * block_size + key_index % block_size  # [B, L]
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            allowed: torch.Tensor, num_keys: int, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
+    """q [B, Q, Hq, D] (already rotated) over each sequence's first num_keys cache entries.
+
+    allowed [B, Q, L] says which keys each query may see. Returns [B, Q, Hq, D].
+    """
+    num_seqs, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = gather_kv(k_cache, block_tables, num_keys)  # [B, L, Hkv, D]
+    values = gather_kv(v_cache, block_tables, num_keys)  # [B, L, Hkv, D]
+    keys = rotary.rotate(keys, torch.arange(num_keys, device=q.device))
+    # Each KV head serves its group of query heads without being copied.
+    q = q.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)  # [B, Hkv, G*Q, D]
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G*Q, L]
+    scores = scores.view(num_seqs, num_kv_heads, group, num_queries, num_keys)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    probs = probs.view(num_seqs, num_kv_heads, group * num_queries, num_keys)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, Hkv, G*Q, D]
+    out = out.view(num_seqs, num_kv_heads, group, num_queries, head_dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(num_seqs, num_queries, num_heads, head_dim)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
+    """Reference paged attention for a flat batch of new queries q [T, Hq, D] (rotated).
+
+    Batched over sequences: decodes in one call padded to the longest context, prefill chunks in
+    another padded to the longest chunk. Each query sees the cache entries at or before its
+    position. Returns [T, Hq, D].
+    """
+    out = torch.empty_like(q)
+    num_decode = meta.num_decode_seqs
+    if num_decode:
+        num_keys = meta.max_decode_context_len
+        key_index = torch.arange(num_keys, device=q.device)
+        allowed = key_index < meta.context_lens[:num_decode, None]  # [Bd, L]
+        out[:num_decode] = _attend(
+            q[:num_decode, None], k_cache, v_cache, meta.block_tables[:num_decode],
+            allowed[:, None], num_keys, rotary, scale,
+        )[:, 0]
+    if num_decode < meta.num_seqs:
+        starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
+        q_lens = starts[1:] - starts[:-1]  # [Bp]
+        num_prefill = q_lens.shape[0]
+        num_tokens = q.shape[0] - num_decode
+        seq_of_token = torch.repeat_interleave(torch.arange(num_prefill, device=q.device), q_lens)  # [Tp]
+        offset_of_token = torch.arange(num_tokens, device=q.device) - starts[seq_of_token]  # [Tp]
+        max_q = meta.max_query_len
+        padded_q = q.new_zeros(num_prefill, max_q, *q.shape[1:])  # [Bp, Qmax, Hq, D]
+        padded_q[seq_of_token, offset_of_token] = q[num_decode:]
+        # Padding queries get position -1: they see nothing and are dropped below.
+        query_pos = torch.full((num_prefill, max_q), -1, dtype=torch.int64, device=q.device)
+        query_pos[seq_of_token, offset_of_token] = meta.positions[num_decode:]
+        num_keys = meta.max_prefill_context_len
+        key_index = torch.arange(num_keys, device=q.device)
+        allowed = key_index <= query_pos[:, :, None]  # [Bp, Qmax, L]
+        # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
+        allowed[:, :, 0] |= query_pos < 0
+        padded_out = _attend(padded_q, k_cache, v_cache, meta.block_tables[num_decode:],
+                             allowed, num_keys, rotary, scale)
+        out[num_decode:] = padded_out[seq_of_token, offset_of_token]
+    return out
