@@ -2,8 +2,10 @@
 
 The pool of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
 A sequence's cache is the concatenation of the blocks in its block-table row; its key `j`
-(0-based, in cache order) lives in block `block_tables[s, j // block_size]` at offset
-`j % block_size`.
+(0-based, in cache order) lives at index `i = j` of that concatenation, block
+`block_tables[s, i // block_size]`, offset `i % block_size`. After StreamingLLM eviction has
+dropped the non-sink tail of a partly-sink block, the keys past the sinks sit `sink_gap`
+slots further on: `i = j + sink_gap * (j >= sink_len)` (scheduler/sink_policy.py).
 
 Keys are stored *before* RoPE and rotated when attention reads them, each at its index in
 the cache (0..context_len-1), while the query is rotated at its own cache position. Without
@@ -37,6 +39,8 @@ class AttentionMetadata:
     max_query_len: int
     max_decode_context_len: int
     max_prefill_context_len: int
+    sink_lens: torch.Tensor | None = None  # [B] int64 attention sinks of each sequence
+    sink_gaps: torch.Tensor | None = None  # [B] int64 unused slots after its sinks (None: all 0)
 
     @property
     def num_seqs(self) -> int:
@@ -50,6 +54,8 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        sink_lens: list[int] | None = None,
+        sink_gaps: list[int] | None = None,
     ) -> "AttentionMetadata":
         """Metadata for sequences whose last `query_lens[i]` cache entries are this step's tokens.
 
@@ -71,7 +77,14 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
         offset = torch.arange(int(starts[-1])) - starts[seq_of_token]  # [T]
         positions = (ctx_lens - q_lens)[seq_of_token] + offset  # [T]
-        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+        gaps = None
+        if sink_gaps is not None and any(sink_gaps):
+            sinks = torch.tensor(sink_lens, dtype=torch.int64)
+            gaps = torch.tensor(sink_gaps, dtype=torch.int64)
+            index = positions + gaps[seq_of_token] * (positions >= sinks[seq_of_token])  # [T]
+        else:
+            index = positions
+        slots = tables[seq_of_token, index // block_size] * block_size + index % block_size  # [T]
         return cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
@@ -82,6 +95,8 @@ class AttentionMetadata:
             max_query_len=max(query_lens, default=0),
             max_decode_context_len=max(context_lens[:num_decode], default=0),
             max_prefill_context_len=max(context_lens[num_decode:], default=0),
+            sink_lens=sinks.to(device) if gaps is not None else None,
+            sink_gaps=gaps.to(device) if gaps is not None else None,
         )
 
 
@@ -93,25 +108,35 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """The first num_keys cache entries of each sequence: [B, num_keys, num_kv_heads, head_dim]."""
-    block_size = cache.shape[1]
-    key_index = torch.arange(num_keys, device=cache.device)
-    slots = block_tables[:, key_index // block_size] * block_size + key_index % block_size  # [B, L]
+def key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int, sink_lens: torch.Tensor | None,
+              sink_gaps: torch.Tensor | None) -> torch.Tensor:
+    """Pool slots [B, num_keys] of each sequence's first num_keys cache entries."""
+    key_index = torch.arange(num_keys, device=block_tables.device)[None, :]  # [1, L]
+    if sink_gaps is not None:
+        key_index = key_index + sink_gaps[:, None] * (key_index >= sink_lens[:, None])  # [B, L]
+        # Keys past a short sequence's end are masked out; keep their index inside its table.
+        key_index = key_index.clamp(max=block_tables.shape[1] * block_size - 1)
+    block = torch.gather(block_tables, 1, (key_index // block_size).expand(block_tables.shape[0], -1))
+    return block * block_size + key_index % block_size
+
+
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Cache entries at slots [B, L]: [B, L, num_kv_heads, head_dim]."""
     return cache.view(-1, *cache.shape[2:])[slots]
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            allowed: torch.Tensor, num_keys: int, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
-    """q [B, Q, Hq, D] (already rotated) over each sequence's first num_keys cache entries.
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+            allowed: torch.Tensor, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
+    """q [B, Q, Hq, D] (already rotated) over the cache entries at slots [B, L].
 
     allowed [B, Q, L] says which keys each query may see. Returns [B, Q, Hq, D].
     """
     num_seqs, num_queries, num_heads, head_dim = q.shape
+    num_keys = slots.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_kv(k_cache, block_tables, num_keys)  # [B, L, Hkv, D]
-    values = gather_kv(v_cache, block_tables, num_keys)  # [B, L, Hkv, D]
+    keys = gather_kv(k_cache, slots)  # [B, L, Hkv, D]
+    values = gather_kv(v_cache, slots)  # [B, L, Hkv, D]
     keys = rotary.rotate(keys, torch.arange(num_keys, device=q.device))
     # Each KV head serves its group of query heads without being copied.
     q = q.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -136,14 +161,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
+    block_size = k_cache.shape[1]
+
+    def slots(rows: slice, num_keys: int) -> torch.Tensor:
+        sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
+        gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
+        return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
+
     if num_decode:
         num_keys = meta.max_decode_context_len
         key_index = torch.arange(num_keys, device=q.device)
         allowed = key_index < meta.context_lens[:num_decode, None]  # [Bd, L]
-        out[:num_decode] = _attend(
-            q[:num_decode, None], k_cache, v_cache, meta.block_tables[:num_decode],
-            allowed[:, None], num_keys, rotary, scale,
-        )[:, 0]
+        out[:num_decode] = _attend(q[:num_decode, None], k_cache, v_cache, slots(slice(0, num_decode), num_keys),
+                                   allowed[:, None], rotary, scale)[:, 0]
     if num_decode < meta.num_seqs:
         starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
         q_lens = starts[1:] - starts[:-1]  # [Bp]
@@ -162,7 +192,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         allowed = key_index <= query_pos[:, :, None]  # [Bp, Qmax, L]
         # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
         allowed[:, :, 0] |= query_pos < 0
-        padded_out = _attend(padded_q, k_cache, v_cache, meta.block_tables[num_decode:],
-                             allowed, num_keys, rotary, scale)
+        padded_out = _attend(padded_q, k_cache, v_cache, slots(slice(num_decode, None), num_keys),
+                             allowed, rotary, scale)
         out[num_decode:] = padded_out[seq_of_token, offset_of_token]
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO_ROOT / "model" / "bundled" / "stories260K"
 
 TINY_LLAMA = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
     rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.08,
 )
@@ -34,6 +35,8 @@ def save_hf_checkpoint(path: Path, seed: int = 0, architecture: str = "llama", *
         hf = transformers.LlamaForCausalLM(config)
     hf.config._attn_implementation = "eager"
     hf.save_pretrained(path)
+    # The bundled tokenizer (vocab 512) makes the directory a complete model for the engine.
+    shutil.copy(BUNDLED_MODEL / "tokenizer.model", path / "tokenizer.model")
     return hf.eval()
 
 

@@ -1,0 +1,103 @@
+"""Turns one scheduled step into tensors, runs the model over the paged pool, and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attention import AttentionMetadata
+from model.llama import LlamaForCausalLM
+from model.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs
+
+
+@dataclass
+class PromptLogprobRequest:
+    """Logprobs of prompt tokens predicted inside one sequence's chunk.
+
+    Chunk token j predicts `target_token_ids[j]`; only the first len(target_token_ids) tokens
+    of the chunk have a prompt token to predict.
+    """
+
+    seq_index: int
+    target_token_ids: list[int]
+    num_top: int
+
+
+@dataclass
+class ModelInput:
+    """One step as plain lists: each sequence's new tokens, decodes first."""
+
+    token_ids: list[int]  # flat new tokens of every sequence
+    query_lens: list[int]
+    context_lens: list[int]  # cache length of each sequence after this step
+    block_tables: list[list[int]]
+    sample_seq_indices: list[int]  # per sampling row, the sequence whose last token it samples from
+    sampling_rows: list[SamplingRow]
+    banned_token_ids: list[list[int]] = field(default_factory=list)  # per sampling row (min_tokens)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobs:
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class ModelOutput:
+    sampled: SamplerOutput | None
+    prompt_logprobs: list[PromptLogprobs]  # in the order of ModelInput.prompt_logprobs
+
+
+class ModelRunner:
+    """Owns the KV pool of one model and executes steps on it."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = model.lm_head.weight.device
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> ModelOutput:
+        if inp.blocks_to_copy:
+            self._copy_blocks(inp.blocks_to_copy)
+        meta = AttentionMetadata.build(inp.query_lens, inp.context_lens, inp.block_tables,
+                                       self.block_size, self.device)
+        input_ids = torch.tensor(inp.token_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, meta, self.kv_caches)  # [T, hidden]
+        prompt_logprobs = [self._prompt_logprobs(hidden, meta, req) for req in inp.prompt_logprobs]
+        if not inp.sampling_rows:
+            return ModelOutput(None, prompt_logprobs)
+        last_token = meta.query_start_loc[1:] - 1  # [B] flat index of each sequence's last token
+        rows = last_token[torch.tensor(inp.sample_seq_indices, device=self.device)]
+        logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
+        banned = [(row, tok) for row, toks in enumerate(inp.banned_token_ids) for tok in toks]
+        if banned:
+            index = torch.tensor(banned, device=self.device)
+            logits[index[:, 0], index[:, 1]] = float("-inf")
+        return ModelOutput(self.sampler(logits, inp.sampling_rows), prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, meta: AttentionMetadata,
+                         req: PromptLogprobRequest) -> PromptLogprobs:
+        start = int(meta.query_start_loc[req.seq_index])
+        num = len(req.target_token_ids)
+        logits = self.model.compute_logits(hidden[start:start + num])  # [num, vocab]
+        targets = torch.tensor(req.target_token_ids, device=self.device)
+        logprobs, ranks, top_ids, top_lps = compute_logprobs(logits, targets, req.num_top)
+        return PromptLogprobs(req.target_token_ids, logprobs.tolist(), ranks.tolist(),
+                              top_ids.tolist(), top_lps.tolist())
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))

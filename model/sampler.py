@@ -1,0 +1,203 @@
+"""Batched token sampling for one engine step: penalties, temperature, top-k/top-p/min-p, logprobs.
+
+Semantics follow vLLM and the OpenAI API:
+- Order: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+- repetition_penalty (vLLM/CTRL): tokens seen in the prompt or the output have positive logits
+  divided by it and negative logits multiplied by it. frequency_penalty and presence_penalty
+  (OpenAI) count the output tokens only: logit -= frequency * count + presence * (count > 0).
+- Greedy rows (temperature below 1e-5, as in vLLM) take the argmax of the penalised logits and
+  ignore the filters. top_k=None, top_p=1.0 and min_p=0.0 each switch that filter off.
+- top-k keeps exactly k tokens (a tie at the boundary goes to the lower id); top-p keeps the
+  smallest set of most likely tokens whose (top-k renormalised) mass reaches top_p; min-p
+  drops tokens less likely than min_p times the most likely one.
+- Random rows use the exponential race: argmax(probs / q) with q ~ Exp(1) per token is an exact
+  draw from probs. A seeded row draws its q from its own generator, so its tokens depend only on
+  its seed, its logits and the device, not on the rest of the batch.
+- Logprobs are of the model's raw distribution (log_softmax before penalties and temperature,
+  vLLM's default). A rank is 1 + the number of tokens strictly more likely than the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from model.sampling_params import SamplingParams
+
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row of logits.
+
+    `generator` must be set (and on the logits' device) exactly when `params.seed` is set; it is
+    created once per request and reused every step. Repetition penalty looks at the prompt and
+    output tokens, presence and frequency penalties at the output tokens only.
+    """
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled token of each row and, when any row asked for logprobs, their logprobs.
+
+    The logprob tensors cover every row (rows that did not ask are computed anyway and ignored);
+    K is the largest `params.logprobs` in the batch.
+    """
+
+    token_ids: torch.Tensor  # [N] int64
+    logprobs: torch.Tensor | None = None  # [N] float32, of the sampled token
+    ranks: torch.Tensor | None = None  # [N] int64, 1-based, of the sampled token
+    top_token_ids: torch.Tensor | None = None  # [N, K] int64, most likely first
+    top_logprobs: torch.Tensor | None = None  # [N, K] float32
+
+
+class Sampler:
+    """Samples one token per row of a step's logits [N, V], all rows in one batch."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"expected logits [{len(rows)}, vocab], got {list(logits.shape)}")
+        for row in rows:
+            if (row.generator is None) != (row.params.seed is None):
+                raise ValueError("a row needs a generator exactly when its params have a seed")
+        raw = logits.float()
+        token_ids = sample(apply_penalties(raw, rows), rows)
+        requested = [row.params.logprobs for row in rows if row.params.logprobs is not None]
+        if not requested:
+            return SamplerOutput(token_ids)
+        logprobs, ranks, top_ids, top_logprobs = compute_logprobs(raw, token_ids, max(requested))
+        return SamplerOutput(token_ids, logprobs, ranks, top_ids, top_logprobs)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits [N, V] are already penalised; returns [N] int64 token ids.
+    greedy = [row.greedy for row in rows]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    device = logits.device
+    # Greedy rows go through the random path with harmless settings; their result is discarded.
+    temperature = _to_device([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)],
+                             torch.float32, device)
+    scaled = logits / temperature[:, None]  # [N, V]
+    vocab_size = logits.shape[-1]
+    filtering = [not g and _filters(r.params, vocab_size) for g, r in zip(greedy, rows)]
+    if any(filtering):
+        top_k = _to_device([min(r.params.top_k or vocab_size, vocab_size) if f else vocab_size
+                            for f, r in zip(filtering, rows)], torch.int64, device)
+        top_p = _to_device([r.params.top_p if f else 1.0 for f, r in zip(filtering, rows)],
+                           torch.float32, device)
+        min_p = _to_device([r.params.min_p if f else 0.0 for f, r in zip(filtering, rows)],
+                           torch.float32, device)
+        scaled = apply_top_k_top_p_min_p(scaled, top_k, top_p, min_p)
+    probs = torch.softmax(scaled, dim=-1)  # [N, V]
+    q = torch.empty_like(probs).exponential_()
+    # Each seeded row redraws its own q row from its own generator, one small kernel per seeded
+    # row: one batched draw would make a row's numbers depend on its neighbours and position.
+    for i, row in enumerate(rows):
+        if row.generator is not None and not greedy[i]:
+            q[i].exponential_(generator=row.generator)
+    # A q of exactly 0 would give 0/0 = nan for filtered tokens, which argmax would pick.
+    sampled = probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # [N]
+    if not any(greedy):
+        return sampled
+    greedy_mask = _to_device(greedy, torch.bool, device)
+    return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits [N, V]; returns new penalised logits (the input is left as it was, for logprobs).
+    repetition = [r.params.repetition_penalty for r in rows]
+    frequency = [r.params.frequency_penalty for r in rows]
+    presence = [r.params.presence_penalty for r in rows]
+    uses_repetition = [p != 1.0 for p in repetition]
+    uses_output = [rep or f != 0.0 or p != 0.0 for rep, f, p in zip(uses_repetition, frequency, presence)]
+    if not any(uses_output):
+        return logits
+    device = logits.device
+    # Rows without penalties contribute no tokens, so a long prompt that is not penalised is free.
+    output_counts = _token_counts([r.output_token_ids if u else () for u, r in zip(uses_output, rows)],
+                                  logits.shape[-1], device)  # [N, V]
+    if any(uses_repetition):
+        prompt_counts = _token_counts([r.prompt_token_ids if u else () for u, r in zip(uses_repetition, rows)],
+                                      logits.shape[-1], device)  # [N, V]
+        seen = (prompt_counts > 0) | (output_counts > 0)  # [N, V]
+        penalty = _to_device(repetition, torch.float32, device)[:, None]  # [N, 1]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if any(f != 0.0 or p != 0.0 for f, p in zip(frequency, presence)):
+        frequency_t = _to_device(frequency, torch.float32, device)[:, None]  # [N, 1]
+        presence_t = _to_device(presence, torch.float32, device)[:, None]  # [N, 1]
+        logits = logits - frequency_t * output_counts - presence_t * (output_counts > 0)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    # logits [N, V] temperature-scaled; top_k [N] int64 in [1, V]; top_p, min_p [N] float32.
+    # Returns a copy with the filtered-out tokens at -inf. One sort serves all three filters.
+    vocab_size = logits.shape[-1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # [N, V] each
+    positions = torch.arange(vocab_size, device=logits.device)  # [V]
+    sorted_logits.masked_fill_(positions >= top_k[:, None], float("-inf"))  # fresh from sort: ours to edit
+    probs = torch.softmax(sorted_logits, dim=-1)  # [N, V], renormalised over the top-k
+    mass_before = probs.cumsum(dim=-1) - probs  # [N, V]; 0 for the most likely token, always kept
+    # top_p == 1 is skipped outright: rounding in the cumsum could otherwise drop tail tokens.
+    outside_top_p = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    sorted_logits.masked_fill_(outside_top_p, float("-inf"))
+    # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
+    threshold = sorted_logits[:, :1] + torch.log(min_p)[:, None]  # [N, 1]
+    sorted_logits.masked_fill_(sorted_logits < threshold, float("-inf"))
+    # sorted_ids is a permutation of each row, so the scatter writes every position.
+    return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # logits [N, V] raw; token_ids [N]. Returns the tokens' logprobs [N] and 1-based ranks [N],
+    # and the num_top most likely tokens' ids and logprobs [N, num_top], most likely first.
+    # Also serves prompt logprobs: pass one row per prompt position and the next prompt token.
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    token_logprobs = logprobs.gather(1, token_ids[:, None].long()).squeeze(1)  # [N]
+    ranks = (logprobs > token_logprobs[:, None]).sum(dim=-1) + 1  # [N]
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)  # [N, num_top] each
+    return token_logprobs, ranks, top_ids, top_logprobs
+
+
+def _filters(params: SamplingParams, vocab_size: int) -> bool:
+    top_k_filters = params.top_k is not None and params.top_k < vocab_size
+    return top_k_filters or params.top_p < 1.0 or params.min_p > 0.0
+
+
+def _token_counts(token_ids: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    # Returns counts [N, V] float32 of each row's tokens, from one index_add over a flat index.
+    # The index is built on the CPU from the Python lists and copied once.
+    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)  # [N]
+    flat = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.int64)  # [total]
+    if flat.numel() and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}) for penalties")
+    # output_size spares repeat_interleave a pass to size its output (slow even on the CPU).
+    rows = torch.arange(len(token_ids)).repeat_interleave(lengths, output_size=flat.numel())  # [total]
+    index = _to_device(rows * vocab_size + flat, torch.int64, device)  # [total], into the flat [N * V]
+    counts = torch.zeros(len(token_ids) * vocab_size, dtype=torch.float32, device=device)  # [N * V]
+    counts.index_add_(0, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts.view(len(token_ids), vocab_size)  # [N, V]
+
+
+def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A pinned source lets the copy queue behind the forward pass instead of waiting for it.
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -1,0 +1,189 @@
+"""Physical KV blocks: a free list, reference counts, block tables and a prefix cache.
+
+Plain Python, no torch. A sequence's block table lists the physical blocks that hold its
+cache in order. A *full* block whose K/V has been written can enter the prefix cache under a
+hash that chains its parent block's hash with its own token ids, so a later sequence whose
+tokens start the same way takes those blocks by reference instead of recomputing them.
+Blocks nobody holds any more stay in the cache (and still hit) until the pool needs them,
+least recently used first. A block shared by several sequences is copied before one of them
+writes into it (copy-on-write); the caller performs the copies this returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """A digest of a full block's tokens and everything before it (via the parent's digest)."""
+    h = hashlib.sha256(parent or b"root")
+    h.update(",".join(map(str, token_ids)).encode())
+    return h.digest()
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None  # set while the block is in the prefix cache
+
+
+@dataclass
+class _SeqBlocks:
+    table: list[int] = field(default_factory=list)
+    # Hash chain of the leading full blocks already committed (or taken from the cache).
+    hashes: list[bytes] = field(default_factory=list)
+
+
+class BlockManager:
+    """Hands out blocks of `block_size` token slots from a pool of `num_blocks`."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: deque[int] = deque(range(num_blocks))  # never cached, or evicted from the cache
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self._cache: dict[bytes, int] = {}
+        self._seqs: dict[str, _SeqBlocks] = {}
+        self.prefix_cache_queries = 0  # prompt tokens looked up by admitted sequences
+        self.prefix_cache_hits = 0  # of which found in the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free, or cached but unreferenced)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        """The sequence's physical blocks in cache order (do not modify)."""
+        return self._seqs[seq_id].table
+
+    def has_seq(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[block_id].ref_count
+
+    def start(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """Open a block table for a sequence about to be computed from token_ids.
+
+        Takes the longest cached prefix of whole blocks, stopping short of the last token
+        (its logits are needed, so it is always computed). Returns the number of tokens whose
+        K/V is already in the table.
+        """
+        if seq_id in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} already has blocks")
+        seq = self._seqs[seq_id] = _SeqBlocks()
+        if not self.enable_prefix_caching:
+            return 0
+        parent = None
+        for i in range((len(token_ids) - 1) // self.block_size):
+            digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_id = self._cache.get(digest)
+            if block_id is None:
+                break
+            self._take(block_id)
+            seq.table.append(block_id)
+            seq.hashes.append(digest)
+            parent = digest
+        return len(seq.table) * self.block_size
+
+    def count_prefix_query(self, num_tokens: int, num_hit: int) -> None:
+        """Record one admitted lookup (failed admissions retry and are not counted)."""
+        self.prefix_cache_queries += num_tokens
+        self.prefix_cache_hits += num_hit
+
+    def allocate_slots(self, seq_id: str, num_computed: int, num_new: int) -> list[tuple[int, int]] | None:
+        """Make room to write tokens [num_computed, num_computed + num_new) of the sequence.
+
+        Returns the (src, dst) block copies to perform before the write (copy-on-write of a
+        shared block), or None when the pool is short; then nothing has changed.
+        """
+        seq = self._seqs[seq_id]
+        num_missing = self.blocks_for(num_computed + num_new) - len(seq.table)
+        first = num_computed // self.block_size  # the block the first new token goes into
+        copy_first = num_new > 0 and first < len(seq.table) and self._blocks[seq.table[first]].ref_count > 1
+        if max(num_missing, 0) + copy_first > self.num_free_blocks:
+            return None
+        copies = []
+        if copy_first:
+            src = seq.table[first]
+            dst = self._pop_free()
+            self._release(src)
+            seq.table[first] = dst
+            copies.append((src, dst))
+        for _ in range(num_missing):
+            seq.table.append(self._pop_free())
+        return copies
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Offer the sequence's full blocks among its first num_computed tokens to the prefix cache.
+
+        Call once their K/V is written: only then may another sequence read them.
+        """
+        if not self.enable_prefix_caching:
+            return
+        seq = self._seqs[seq_id]
+        parent = seq.hashes[-1] if seq.hashes else None
+        for i in range(len(seq.hashes), num_computed // self.block_size):
+            digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block = self._blocks[seq.table[i]]
+            # Two sequences can compute the same block at once; the first one is cached.
+            if digest not in self._cache and block.hash is None:
+                self._cache[digest] = block.block_id
+                block.hash = digest
+            seq.hashes.append(digest)
+            parent = digest
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give child_id the parent's blocks by reference (n completions of one prompt)."""
+        parent = self._seqs[parent_id]
+        for block_id in parent.table:
+            self._take(block_id)
+        self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes))
+
+    def free(self, seq_id: str) -> None:
+        """Drop the sequence's references; unreferenced cached blocks stay hit-able."""
+        seq = self._seqs.pop(seq_id)
+        # Tail first, so a prompt's later blocks are evicted before its shared beginning.
+        for block_id in reversed(seq.table):
+            self._release(block_id)
+
+    def _take(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            del self._evictable[block_id]
+        block.ref_count += 1
+
+    def _release(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is None:
+                self._free.append(block_id)
+            else:
+                self._evictable[block_id] = None
+
+    def _pop_free(self) -> int:
+        if self._free:
+            block = self._blocks[self._free.popleft()]
+        else:
+            block_id, _ = self._evictable.popitem(last=False)
+            block = self._blocks[block_id]
+            del self._cache[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block.block_id

@@ -1,0 +1,263 @@
+"""The engine: schedule -> run the model -> sample -> update, one step at a time.
+
+`Engine.step()` is what the server's engine thread calls in a loop; `Engine.generate()` is the
+offline API for scripts. This is the one place where the scheduler meets the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.loader import BUNDLED_MODEL_DIR, load_model
+from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
+from model.sampler import SamplerOutput, SamplingRow
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
+from scheduler.block_manager import BlockManager
+from scheduler.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
+from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
+from scheduler.request import FinishReason, Request
+from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context."""
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The offline result for one prompt: its n completions."""
+
+    prompt_token_ids: list[int]
+    completions: list[Completion] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.completions[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+
+class Engine:
+    """A model, its KV pool and a continuous-batching scheduler.
+
+    `model` is a Hugging Face directory (None: the bundled stories260K). The KV pool holds
+    `num_kv_blocks` blocks when given; otherwise it is sized from memory (kv_sizing.py).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        *,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int = 1 << 30,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        load_format: str = "auto",
+        seed: int = 0,
+    ):
+        model_dir = Path(model) if model is not None else BUNDLED_MODEL_DIR
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(model_dir, self.dtype, self.device, load_format, seed)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        config = self.model.config
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.block_size = block_size
+        num_blocks = size_kv_pool(self.model, block_size, num_kv_blocks, kv_cache_memory,
+                                  gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
+        self._groups: dict[str, list[Request]] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # -- the API the server drives ------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises ValueError for bad input."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(token_ids, params)
+        request = Request(request_id, token_ids, params)
+        self._groups[request_id] = [request]
+        self.output_processor.add(request)
+        self.scheduler.add_request(request)
+        self.num_prompt_tokens += len(token_ids)
+        return token_ids
+
+    def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is more than max_num_seqs={self.scheduler.config.max_num_seqs}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        max_tokens = params.max_tokens or 0
+        if len(token_ids) + max_tokens > self.max_model_len or len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages or completion."
+            )
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop every completion of a request and free their blocks at once."""
+        outputs = []
+        for request in self._groups.pop(request_id, []):
+            if not request.is_finished:
+                self.scheduler.finish_request(request, FinishReason.ABORT)
+                outputs.append(self.output_processor.final_output(request))
+            self._forget(request)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        for child in batch.forked:
+            self._groups[child.group_id].append(child)
+            self.output_processor.add(child)
+        model_input = self._model_input(batch)
+        output = self.runner.execute(model_input)
+        self.scheduler.update(batch)
+        for pl_req, pl in zip(model_input.prompt_logprobs, output.prompt_logprobs):
+            request = batch.requests[pl_req.seq_index]
+            self.output_processor.add_prompt_logprobs(request, [
+                TokenLogprob(t, lp, rank, list(zip(ids, lps)))
+                for t, lp, rank, ids, lps in zip(pl.token_ids, pl.logprobs, pl.ranks, pl.top_token_ids,
+                                                 pl.top_logprobs)])
+        return self._process_samples(batch, output.sampled)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _model_input(self, batch: ScheduledBatch) -> ModelInput:
+        token_ids, context_lens, tables, prompt_lps = [], [], [], []
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            token_ids.extend(request.token_ids[start:start + num_new])
+            context_lens.append(start + num_new)
+            tables.append(self.block_manager.block_table(request.request_id))
+            wanted = request.params.prompt_logprobs
+            if wanted is not None and request.num_output_tokens == 0:
+                # Chunk token j predicts prompt token start + j + 1.
+                targets = request.prompt_token_ids[start + 1:start + num_new + 1]
+                if targets:
+                    prompt_lps.append(PromptLogprobRequest(i, targets, wanted))
+        rows = [self._sampling_row(request) for request, _ in batch.samplers]
+        return ModelInput(
+            token_ids=token_ids, query_lens=list(batch.num_new_tokens), context_lens=context_lens,
+            block_tables=tables, sample_seq_indices=[row for _, row in batch.samplers], sampling_rows=rows,
+            banned_token_ids=[self.output_processor.banned_token_ids(r) for r, _ in batch.samplers],
+            blocks_to_copy=batch.blocks_to_copy, prompt_logprobs=prompt_lps,
+        )
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        params = request.params
+        generator = None
+        if params.seed is not None:
+            generator = self._generators.get(request.request_id)
+            if generator is None:
+                generator = torch.Generator(self.device).manual_seed(params.seed + request.index)
+                self._generators[request.request_id] = generator
+        # Token histories are copied only for the penalties that read them: a long generation
+        # must not pay O(length) per step.
+        uses_history = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+        if not uses_history:
+            return SamplingRow(params, generator)
+        return SamplingRow(params, generator, request.prompt_token_ids, request.output_token_ids)
+
+    def _process_samples(self, batch: ScheduledBatch, sampled: SamplerOutput | None) -> list[RequestOutput]:
+        if sampled is None:
+            return []
+        token_ids = sampled.token_ids.tolist()
+        logprobs = None
+        if sampled.logprobs is not None:
+            logprobs = list(zip(sampled.logprobs.tolist(), sampled.ranks.tolist(),
+                                sampled.top_token_ids.tolist(), sampled.top_logprobs.tolist()))
+        outputs = []
+        for row, ((request, _), token_id) in enumerate(zip(batch.samplers, token_ids)):
+            if request.is_finished:
+                continue
+            entry = None
+            wanted = request.params.logprobs
+            if wanted is not None and logprobs is not None:
+                lp, rank, top_ids, top_lps = logprobs[row]
+                entry = TokenLogprob(token_id, lp, rank, list(zip(top_ids[:wanted], top_lps[:wanted])))
+            out = self.output_processor.process_token(request, token_id, entry)
+            self.num_generation_tokens += len(out.new_token_ids)
+            if out.finished:
+                self.scheduler.finish_request(request, request.finish_reason, request.stop_reason)
+                self._forget(request)
+            outputs.append(out)
+        for group_id in {out.request_id for out in outputs if out.finished}:
+            group = self._groups.get(group_id, [])
+            if all(r.is_finished for r in group):
+                self._groups.pop(group_id, None)
+        return outputs
+
+    def _forget(self, request: Request) -> None:
+        self.output_processor.remove(request)
+        self._generators.pop(request.request_id, None)
+
+    # -- offline API -------------------------------------------------------------------------
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None,
+                 use_tqdm: bool = True) -> list[GenerationResult]:
+        """Run prompts (text or token ids) to completion; one result per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        ids = [f"generate-{next(_offline_ids)}" for _ in prompts]
+        results = {}
+        for request_id, prompt in zip(ids, prompts):
+            token_ids = self.add_request(request_id, prompt, params)
+            results[request_id] = GenerationResult(token_ids, [
+                Completion(i, [], "", None, [] if params.logprobs is not None else None) for i in range(params.n)])
+        total = len(prompts) * params.n
+        with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm) as bar:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    completion = results[out.request_id].completions[out.index]
+                    completion.token_ids.extend(out.new_token_ids)
+                    completion.text += out.text
+                    if out.logprobs:
+                        completion.logprobs.extend(out.logprobs)
+                    if out.finished:
+                        completion.finish_reason = out.finish_reason
+                        bar.update(1)
+        return [results[request_id] for request_id in ids]
+
+
+_offline_ids = itertools.count()

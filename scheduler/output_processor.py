@@ -1,0 +1,163 @@
+"""From sampled tokens to what the client sees: stop conditions, text deltas, logprobs.
+
+Per request: an incremental detokenizer, and a text tail held back while it could still be
+the beginning of a stop string, so that stop text never reaches the output even when it spans
+several tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.request import FinishReason, Request
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # the most likely alternatives, most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one completion gained in one step (or its final state, when finished)."""
+
+    request_id: str  # the client's request id (shared by the n completions of one prompt)
+    index: int  # which of the n completions
+    new_token_ids: list[int]
+    text: str  # the text delta
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when prefill completes
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    held: str = ""  # decoded text not yet emitted: it may start a stop string
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+
+class OutputProcessor:
+    """Checks stop conditions after each sampled token and produces RequestOutputs."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self._states: dict[str, _TextState] = {}
+
+    def add(self, request: Request) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                       skip_special_tokens=request.params.skip_special_tokens)
+        self._states[request.request_id] = _TextState(detok)
+
+    def remove(self, request: Request) -> None:
+        self._states.pop(request.request_id, None)
+
+    def add_prompt_logprobs(self, request: Request, entries: list[TokenLogprob]) -> None:
+        state = self._states[request.request_id]
+        if not state.prompt_logprobs:
+            state.prompt_logprobs.append(None)  # the first prompt token has no prediction
+        state.prompt_logprobs.extend(entries)
+
+    def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Append a sampled token to the request, decide whether it finishes, and say what changed.
+
+        A finishing request is marked finished here; the caller frees its blocks.
+        """
+        params = request.params
+        state = self._states[request.request_id]
+        if params.max_tokens == 0:  # scoring only: the prompt (and its logprobs), no output
+            request.finish(FinishReason.LENGTH)
+            return RequestOutput(
+                request_id=request.group_id, index=request.index, new_token_ids=[], text="", finished=True,
+                finish_reason=FinishReason.LENGTH.value, prompt_logprobs=state.prompt_logprobs or None,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_tokens=request.num_cached_prompt_tokens)
+        request.append_token(token_id)
+        finish, stop_reason = self._check_token(request, token_id)
+        hide_token = finish is FinishReason.STOP and not params.include_stop_str_in_output
+        delta = state.detokenizer.push([] if hide_token else [token_id])
+        state.held += delta
+        text = ""
+        if params.stop and finish is not FinishReason.STOP and request.num_output_tokens >= params.min_tokens:
+            string_finish, string, text = self._check_stop_strings(state, params)
+            if string_finish is not None:
+                finish, stop_reason = string_finish, string
+        if finish is None:
+            # Hold back what could still be the start of a stop string.
+            keep = max(map(len, params.stop), default=1) - 1
+            cut = max(len(state.held) - keep, 0)
+            text, state.held = text + state.held[:cut], state.held[cut:]
+        elif not isinstance(stop_reason, str):
+            text += state.held + state.detokenizer.flush()
+            state.held = ""
+        out = RequestOutput(
+            request_id=request.group_id, index=request.index, new_token_ids=[token_id], text=text,
+            finished=finish is not None, logprobs=[logprob] if logprob is not None else None,
+            num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_prompt_tokens,
+        )
+        if request.num_output_tokens == 1 and state.prompt_logprobs:
+            out.prompt_logprobs = state.prompt_logprobs
+        if finish is not None:
+            request.finish(finish, stop_reason)
+            out.finish_reason, out.stop_reason = finish.value, stop_reason
+        return out
+
+    def _check_token(self, request: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP, token_id
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.STOP, None
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    @staticmethod
+    def _check_stop_strings(state: _TextState, params) -> tuple[FinishReason | None, str | None, str]:
+        # Every stop string lies wholly inside the held tail: emitted text never ends with the
+        # first len(stop) - 1 characters of one.
+        found = [(state.held.find(stop), stop) for stop in params.stop]
+        found = [(pos, stop) for pos, stop in found if pos >= 0]
+        if not found:
+            return None, None, ""
+        pos, stop = min(found)
+        end = pos + len(stop) if params.include_stop_str_in_output else pos
+        text = state.held[:end]
+        state.held = ""
+        return FinishReason.STOP, stop, text
+
+    def banned_token_ids(self, request: Request) -> list[int]:
+        """Tokens that must not be sampled yet: stop tokens before min_tokens outputs."""
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            return []
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return sorted(set(params.stop_token_ids) | set(eos))
+
+    def final_output(self, request: Request) -> RequestOutput:
+        """The closing output of a request finished from outside (abort, or an error)."""
+        state = self._states.get(request.request_id)
+        text = ""
+        if state is not None and request.finish_reason is not FinishReason.ABORT:
+            text = state.held + state.detokenizer.flush()
+        return RequestOutput(
+            request_id=request.group_id, index=request.index, new_token_ids=[], text=text,
+            finished=True, finish_reason=request.finish_reason.value if request.finish_reason else None,
+            stop_reason=request.stop_reason, num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens, num_cached_tokens=request.num_cached_prompt_tokens,
+        )

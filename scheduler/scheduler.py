@@ -1,0 +1,188 @@
+"""Continuous batching: which requests compute how many tokens in each step. Plain Python.
+
+Each step fills a token budget and a sequence cap: running decodes first (one token each),
+then prefill chunks of running requests, then newly admitted requests, first come first
+served. A prompt longer than the budget is prefilled over several steps. When the pool has no
+block for a running request, the newest running request is preempted: its blocks are freed and
+it goes back to the front of the waiting queue, to be recomputed (prompt and output so far)
+when there is room. The oldest request is preempted last, so it always progresses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from scheduler.block_manager import BlockManager
+from scheduler.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. `requests[i]` computes `num_new_tokens[i]` tokens from its
+    `num_computed_tokens`; decodes come first. `samplers` are the requests that sample a token
+    after this step, each with the batch row whose last token's logits it samples from (forked
+    completions share their parent's row)."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    samplers: list[tuple[Request, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    forked: list[Request] = field(default_factory=list)  # completions created this step (n > 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        """Take a request out of the queues and free its blocks at once (idempotent)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if self.block_manager.has_seq(request.request_id):
+            self.block_manager.free(request.request_id)
+        if not request.is_finished:
+            request.finish(reason, stop_reason)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
+        # Running decodes first, then running prefill chunks, each in arrival order. Completions
+        # forked during this loop are not in these lists: they only sample this step.
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = min(request.num_uncomputed_tokens, budget)
+            copies = self._allocate_or_preempt(request, num_new, batch)
+            if copies is not None:
+                self._add(batch, request, num_new, copies)
+                budget -= num_new
+        # Admit waiting requests in order while they fit; none after a preemption this step.
+        bm = self.block_manager
+        while (self.waiting and budget > 0 and self.num_preemptions == preemptions_before
+               and self._num_seats() + self.waiting[0].params.n <= self.config.max_num_seqs):
+            request = self.waiting[0]
+            num_hit = bm.start(request.request_id, request.token_ids)
+            num_new = min(request.num_tokens - num_hit, budget)
+            copies = bm.allocate_slots(request.request_id, num_hit, num_new)
+            if copies is None:
+                bm.free(request.request_id)
+                break
+            bm.count_prefix_query(request.num_tokens, num_hit)
+            request.num_computed_tokens = num_hit
+            if request.num_preemptions == 0:
+                request.num_cached_prompt_tokens = num_hit
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add(batch, request, num_new, copies)
+            budget -= num_new
+        return batch
+
+    def _num_seats(self) -> int:
+        """Running sequences, counting the completions that parents not yet forked will add."""
+        pending = sum(r.params.n - 1 for r in self.running if r.params.n > 1 and not r.forked)
+        return len(self.running) + pending
+
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             batch: ScheduledBatch) -> list[tuple[int, int]] | None:
+        """Blocks for the request's next tokens, preempting the newest running requests for them.
+
+        Requests already in this step's batch are never preempted. Returns None when the
+        request itself had to be preempted.
+        """
+        in_batch = {id(r) for r in batch.requests} | {id(r) for r, _ in batch.samplers}
+        while True:
+            copies = self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens, num_new)
+            if copies is not None:
+                return copies
+            victim = next(r for r in reversed(self.running) if id(r) not in in_batch)
+            self._preempt(victim)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _add(self, batch: ScheduledBatch, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
+        row = len(batch.requests)
+        batch.requests.append(request)
+        batch.num_new_tokens.append(num_new)
+        batch.blocks_to_copy.extend(copies)
+        if num_new == request.num_uncomputed_tokens:
+            batch.samplers.append((request, row))
+            if request.params.n > 1 and not request.forked:
+                for child in self._fork(request, num_computed=request.num_tokens):
+                    batch.samplers.append((child, row))
+                    batch.forked.append(child)
+
+    def _fork(self, parent: Request, num_computed: int) -> list[Request]:
+        """The parent's n-1 sibling completions, sharing its prompt blocks from this step on."""
+        parent.forked = True
+        children = []
+        for index in range(1, parent.params.n):
+            child = Request(
+                request_id=f"{parent.request_id}-{index}",
+                prompt_token_ids=parent.prompt_token_ids,
+                params=replace(parent.params, n=1),
+                arrival_time=parent.arrival_time,
+                index=index,
+                parent_id=parent.request_id,
+            )
+            child.num_computed_tokens = num_computed
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.status = RequestStatus.RUNNING
+            self.block_manager.fork(parent.request_id, child.request_id)
+            self.running.append(child)
+            children.append(child)
+        return children
+
+    def update(self, batch: ScheduledBatch) -> None:
+        """Record that the batch's tokens are computed and their full blocks may be shared."""
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += num_new
+            self.block_manager.commit(request.request_id, request.token_ids, request.num_computed_tokens)
