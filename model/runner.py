@@ -37,6 +37,8 @@ class ModelInput:
     banned_token_ids: list[list[int]] = field(default_factory=list)  # per sampling row (min_tokens)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
+    sink_lens: list[int] | None = None  # per sequence, for StreamingLLM eviction (attention.py)
+    sink_gaps: list[int] | None = None
 
 
 @dataclass
@@ -70,7 +72,7 @@ class ModelRunner:
         if inp.blocks_to_copy:
             self._copy_blocks(inp.blocks_to_copy)
         meta = AttentionMetadata.build(inp.query_lens, inp.context_lens, inp.block_tables,
-                                       self.block_size, self.device)
+                                       self.block_size, self.device, inp.sink_lens, inp.sink_gaps)
         input_ids = torch.tensor(inp.token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, meta, self.kv_caches)  # [T, hidden]
         prompt_logprobs = [self._prompt_logprobs(hidden, meta, req) for req in inp.prompt_logprobs]

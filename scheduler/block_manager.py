@@ -36,6 +36,8 @@ class _SeqBlocks:
     table: list[int] = field(default_factory=list)
     # Hash chain of the leading full blocks already committed (or taken from the cache).
     hashes: list[bytes] = field(default_factory=list)
+    # After an eviction the table no longer lines up with the tokens: nothing more is cached.
+    frozen: bool = False
 
 
 class BlockManager:
@@ -77,12 +79,12 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._blocks[block_id].ref_count
 
-    def start(self, seq_id: str, token_ids: Sequence[int]) -> int:
+    def start(self, seq_id: str, token_ids: Sequence[int], max_hit_tokens: int | None = None) -> int:
         """Open a block table for a sequence about to be computed from token_ids.
 
         Takes the longest cached prefix of whole blocks, stopping short of the last token
-        (its logits are needed, so it is always computed). Returns the number of tokens whose
-        K/V is already in the table.
+        (its logits are needed, so it is always computed) and of max_hit_tokens. Returns the
+        number of tokens whose K/V is already in the table.
         """
         if seq_id in self._seqs:
             raise KeyError(f"sequence {seq_id!r} already has blocks")
@@ -90,7 +92,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         parent = None
-        for i in range((len(token_ids) - 1) // self.block_size):
+        limit = len(token_ids) - 1 if max_hit_tokens is None else min(len(token_ids) - 1, max_hit_tokens)
+        for i in range(limit // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block_id = self._cache.get(digest)
             if block_id is None:
@@ -134,9 +137,9 @@ class BlockManager:
 
         Call once their K/V is written: only then may another sequence read them.
         """
-        if not self.enable_prefix_caching:
-            return
         seq = self._seqs[seq_id]
+        if not self.enable_prefix_caching or seq.frozen:
+            return
         parent = seq.hashes[-1] if seq.hashes else None
         for i in range(len(seq.hashes), num_computed // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -153,7 +156,41 @@ class BlockManager:
         parent = self._seqs[parent_id]
         for block_id in parent.table:
             self._take(block_id)
-        self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes))
+        self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes), parent.frozen)
+
+    def rename(self, seq_id: str, new_id: str) -> None:
+        """Hand a sequence's blocks to another owner id (a session keeping a request's cache)."""
+        if new_id in self._seqs:
+            raise KeyError(f"sequence {new_id!r} already has blocks")
+        self._seqs[new_id] = self._seqs.pop(seq_id)
+
+    def truncate(self, seq_id: str, num_slots: int) -> None:
+        """Keep only the table's first num_slots slots; later writes go after them.
+
+        A kept partial block that sits in the prefix cache leaves it (its tail will be
+        rewritten); a shared one is copied on the write, as usual.
+        """
+        seq = self._seqs[seq_id]
+        num_blocks = self.blocks_for(num_slots)
+        while len(seq.table) > num_blocks:
+            self._release(seq.table.pop())
+        del seq.hashes[num_slots // self.block_size:]
+        if num_slots % self.block_size:
+            block = self._blocks[seq.table[-1]]
+            if block.hash is not None and block.ref_count == 1:
+                del self._cache[block.hash]
+                block.hash = None
+
+    def stop_caching(self, seq_id: str) -> None:
+        """The sequence's later blocks never enter the prefix cache (its cache was edited)."""
+        self._seqs[seq_id].frozen = True
+
+    def drop_block(self, seq_id: str, index: int) -> None:
+        """Remove one block from the sequence's table (sink eviction); it returns to the pool
+        when nobody else holds it."""
+        seq = self._seqs[seq_id]
+        seq.frozen = True
+        self._release(seq.table.pop(index))
 
     def free(self, seq_id: str) -> None:
         """Drop the sequence's references; unreferenced cached blocks stay hit-able."""

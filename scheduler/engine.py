@@ -7,6 +7,8 @@ offline API for scripts. This is the one place where the scheduler meets the mod
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from scheduler.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
 from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from scheduler.request import FinishReason, Request
 from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler.sink_policy import SinkPolicy
+
+
+logger = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -75,6 +81,9 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        session_ttl: float = 600.0,
+        attention_sinks: int = 4,
+        attention_window: int | None = None,
         load_format: str = "auto",
         seed: int = 0,
     ):
@@ -84,13 +93,19 @@ class Engine:
         self.model = load_model(model_dir, self.dtype, self.device, load_format, seed)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         config = self.model.config
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        if self.max_model_len > config.max_position_embeddings:
+            logger.warning("max_model_len %d is past the model's context (%d): quality will degrade",
+                           self.max_model_len, config.max_position_embeddings)
         self.block_size = block_size
+        self.attention_sinks, self.attention_window = attention_sinks, attention_window
+        self.sink_policy()  # refuse a bad default at startup
         num_blocks = size_kv_pool(self.model, block_size, num_kv_blocks, kv_cache_memory,
                                   gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager)
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager,
+            session_ttl)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
@@ -100,20 +115,44 @@ class Engine:
 
     # -- the API the server drives ------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises ValueError for bad input."""
+    def sink_policy(self, attention_sinks: int | None = None, attention_window: int | None = None
+                    ) -> SinkPolicy | None:
+        """The StreamingLLM policy for a request's options; None takes the engine's setting, and
+        a window of 0 (or none at all) means dense attention."""
+        sinks = self.attention_sinks if attention_sinks is None else attention_sinks
+        window = self.attention_window if attention_window is None else attention_window
+        if not window:
+            return None
+        policy = SinkPolicy(sinks, window, self.block_size)
+        if policy.capacity > self.max_model_len:
+            raise ValueError(f"attention sinks + window ({policy.capacity}) must not exceed the context "
+                             f"({self.max_model_len} tokens)")
+        return policy
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    attention_sinks: int | None = None, attention_window: int | None = None,
+                    session_id: str | None = None) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises ValueError for bad input.
+
+        `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
+        `session_id` keeps the request's cache for the session's next request (sessions.py).
+        """
+        if session_id is not None and params.n != 1:
+            raise ValueError("a session request must have n = 1")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(token_ids, params)
-        request = Request(request_id, token_ids, params)
+        policy = self.sink_policy(attention_sinks, attention_window)
+        self.check_prompt(token_ids, params, policy)
+        request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id)
         self._groups[request_id] = [request]
         self.output_processor.add(request)
         self.scheduler.add_request(request)
         self.num_prompt_tokens += len(token_ids)
         return token_ids
 
-    def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def check_prompt(self, token_ids: list[int], params: SamplingParams, policy: SinkPolicy | None) -> None:
+        """Raise ValueError if the request cannot be served; a windowed one has no length limit."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         if params.n > self.scheduler.config.max_num_seqs:
@@ -121,6 +160,10 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if policy is not None:
+            if policy.capacity_blocks() > self.block_manager.num_blocks:
+                raise ValueError("the KV pool cannot hold one sequence under this sink policy")
+            return
         max_tokens = params.max_tokens or 0
         if len(token_ids) + max_tokens > self.max_model_len or len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
@@ -138,6 +181,17 @@ class Engine:
                 outputs.append(self.output_processor.final_output(request))
             self._forget(request)
         return outputs
+
+    def end_session(self, session_id: str) -> bool:
+        """Drop a session's cache; False if it did not exist."""
+        return self.scheduler.sessions.drop(session_id)
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self.scheduler.sessions)
+
+    def expire_sessions(self) -> int:
+        return self.scheduler.sessions.expire(time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -164,11 +218,14 @@ class Engine:
 
     def _model_input(self, batch: ScheduledBatch) -> ModelInput:
         token_ids, context_lens, tables, prompt_lps = [], [], [], []
+        sink_lens, sink_gaps = [], []
         for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
             token_ids.extend(request.token_ids[start:start + num_new])
-            context_lens.append(start + num_new)
+            context_lens.append(request.num_kept_tokens + num_new)
             tables.append(self.block_manager.block_table(request.request_id))
+            sink_lens.append(request.sink_policy.num_sinks if request.sink_policy else 0)
+            sink_gaps.append(request.sink_gap)
             wanted = request.params.prompt_logprobs
             if wanted is not None and request.num_output_tokens == 0:
                 # Chunk token j predicts prompt token start + j + 1.
@@ -181,6 +238,7 @@ class Engine:
             block_tables=tables, sample_seq_indices=[row for _, row in batch.samplers], sampling_rows=rows,
             banned_token_ids=[self.output_processor.banned_token_ids(r) for r, _ in batch.samplers],
             blocks_to_copy=batch.blocks_to_copy, prompt_logprobs=prompt_lps,
+            sink_lens=sink_lens, sink_gaps=sink_gaps,
         )
 
     def _sampling_row(self, request: Request) -> SamplingRow:

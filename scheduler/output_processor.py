@@ -123,7 +123,7 @@ class OutputProcessor:
                 return FinishReason.STOP, None
         if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH, None
-        if request.num_tokens >= self.max_model_len:
+        if request.sink_policy is None and request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from model.sampling_params import SamplingParams
+from scheduler.sink_policy import SinkPolicy
 
 
 class RequestStatus(enum.Enum):
@@ -34,6 +35,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    sink_policy: SinkPolicy | None = None  # StreamingLLM eviction; None: dense attention
+    session_id: str | None = None  # keep the cache for the session's next request
     index: int = 0  # which of the params.n completions of one prompt this is
     parent_id: str | None = None  # the request that prompt belongs to (None: this one)
     token_ids: list[int] = field(init=False)  # prompt + output
@@ -44,6 +47,8 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
     forked: bool = False  # its n - 1 sibling completions exist (n > 1 only)
+    num_evicted_tokens: int = 0  # computed tokens dropped from the cache (sink policy)
+    sink_gap: int = 0  # slots skipped after the sinks once their block's tail is evicted
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -72,6 +77,22 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_kept_tokens(self) -> int:
+        """Tokens in the cache: computed minus evicted; the next token's position."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    @property
+    def num_cache_slots(self) -> int:
+        """Block-table slots in use: the kept tokens plus the sink gap once it applies."""
+        return self.num_kept_tokens + self.sink_gap
+
+    def reset_cache_state(self) -> None:
+        """Forget the cache (preemption): everything is recomputed from the first token."""
+        self.num_computed_tokens = 0
+        self.num_evicted_tokens = 0
+        self.sink_gap = 0
 
     @property
     def is_finished(self) -> bool:

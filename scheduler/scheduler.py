@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
+from scheduler.sessions import SessionStore
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, session_ttl: float = 600.0):
         self.config = config
         self.block_manager = block_manager
+        self.sessions = SessionStore(block_manager, session_ttl)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_evictions = 0  # sink evictions (a block, or a sink block's tail, each)
 
     @property
     def num_unfinished(self) -> int:
@@ -71,7 +74,10 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         if self.block_manager.has_seq(request.request_id):
-            self.block_manager.free(request.request_id)
+            if request.session_id is not None:
+                self.sessions.keep(request)
+            else:
+                self.block_manager.free(request.request_id)
         if not request.is_finished:
             request.finish(reason, stop_reason)
 
@@ -88,32 +94,71 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = min(request.num_uncomputed_tokens, budget)
+            num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
             copies = self._allocate_or_preempt(request, num_new, batch)
             if copies is not None:
                 self._add(batch, request, num_new, copies)
                 budget -= num_new
         # Admit waiting requests in order while they fit; none after a preemption this step.
-        bm = self.block_manager
         while (self.waiting and budget > 0 and self.num_preemptions == preemptions_before
                and self._num_seats() + self.waiting[0].params.n <= self.config.max_num_seqs):
             request = self.waiting[0]
-            num_hit = bm.start(request.request_id, request.token_ids)
-            num_new = min(request.num_tokens - num_hit, budget)
-            copies = bm.allocate_slots(request.request_id, num_hit, num_new)
-            if copies is None:
-                bm.free(request.request_id)
+            admitted = self._admit(request, budget)
+            if admitted is None:
                 break
-            bm.count_prefix_query(request.num_tokens, num_hit)
-            request.num_computed_tokens = num_hit
-            if request.num_preemptions == 0:
-                request.num_cached_prompt_tokens = num_hit
+            num_new, copies = admitted
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add(batch, request, num_new, copies)
             budget -= num_new
         return batch
+
+    def _admit(self, request: Request, budget: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """Give a waiting request its blocks: its session's cache, or prefix-cache hits plus new
+        blocks for its first chunk. Returns that chunk's size and block copies, or None when the
+        pool is short."""
+        bm = self.block_manager
+        reused = self.sessions.adopt(request) if request.session_id is not None else None
+        if reused is None:
+            policy = request.sink_policy
+            request.num_computed_tokens = bm.start(request.request_id, request.token_ids,
+                                                   policy.capacity if policy else None)
+        num_hit = request.num_computed_tokens
+        num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
+        while (copies := bm.allocate_slots(request.request_id, request.num_cache_slots, num_new)) is None:
+            if not self.sessions.release_idle():
+                bm.free(request.request_id)  # an adopted session is lost: rebuilt from the prompt
+                request.reset_cache_state()
+                return None
+        if reused is None:
+            bm.count_prefix_query(request.num_tokens, num_hit)
+        if request.num_preemptions == 0:
+            request.num_cached_prompt_tokens = num_hit
+        return num_new, copies
+
+    def _fit_window(self, request: Request, num_new: int) -> int:
+        """Under a sink policy: evict if the cache is full, and stop the chunk at the capacity,
+        so that every eviction falls between chunks where token-by-token processing makes it."""
+        policy = request.sink_policy
+        if policy is None:
+            return num_new
+        if request.num_kept_tokens == policy.capacity:
+            self._evict(request)
+        return min(num_new, policy.capacity - request.num_kept_tokens)
+
+    def _evict(self, request: Request) -> None:
+        """Drop the oldest non-sink tokens of a full cache (sink_policy.py)."""
+        policy = request.sink_policy
+        if policy.sink_gap and not request.sink_gap:
+            # The last sink block's non-sink tail goes; the block stays for its sinks.
+            request.sink_gap = policy.sink_gap
+            request.num_evicted_tokens += policy.sink_gap
+            self.block_manager.stop_caching(request.request_id)
+        else:
+            self.block_manager.drop_block(request.request_id, policy.num_sink_blocks)
+            request.num_evicted_tokens += policy.block_size
+        self.num_evictions += 1
 
     def _num_seats(self) -> int:
         """Running sequences, counting the completions that parents not yet forked will add."""
@@ -129,9 +174,11 @@ class Scheduler:
         """
         in_batch = {id(r) for r in batch.requests} | {id(r) for r, _ in batch.samplers}
         while True:
-            copies = self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens, num_new)
+            copies = self.block_manager.allocate_slots(request.request_id, request.num_cache_slots, num_new)
             if copies is not None:
                 return copies
+            if self.sessions.release_idle():
+                continue  # idle sessions go first
             victim = next(r for r in reversed(self.running) if id(r) not in in_batch)
             self._preempt(victim)
             if victim is request:
@@ -140,7 +187,9 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free(request.request_id)
-        request.num_computed_tokens = 0
+        if request.session_id is not None:
+            self.sessions.release(request)
+        request.reset_cache_state()
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -168,10 +217,13 @@ class Scheduler:
                 prompt_token_ids=parent.prompt_token_ids,
                 params=replace(parent.params, n=1),
                 arrival_time=parent.arrival_time,
+                sink_policy=parent.sink_policy,
                 index=index,
                 parent_id=parent.request_id,
             )
             child.num_computed_tokens = num_computed
+            child.num_evicted_tokens = parent.num_evicted_tokens
+            child.sink_gap = parent.sink_gap
             child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
             child.status = RequestStatus.RUNNING
             self.block_manager.fork(parent.request_id, child.request_id)

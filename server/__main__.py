@@ -1,0 +1,139 @@
+"""`python -m server` / `sinkserve`: serve a model over the OpenAI API.
+
+With no arguments it serves the bundled stories260K on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from model.loader import BUNDLED_MODEL_DIR
+from scheduler.engine import Engine
+from server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from server.async_engine import AsyncEngine
+from server.chat_template import ChatTemplate
+from server.metrics import Metrics
+from server.serving import ServerState, load_generation_defaults
+
+logger = logging.getLogger("sinkserve")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sinkserve", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: bundled stories260K)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this bearer key on /v1/* (repeat for several; also env SINKSERVE_API_KEY, "
+                        "comma-separated)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV pool on a CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-sinks", type=int, default=4, help="StreamingLLM sink tokens kept (with a window)")
+    p.add_argument("--attention-window", type=int, default=None,
+                   help="StreamingLLM recent window in tokens (default: none, dense attention)")
+    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allowed-origins", nargs="*", default=None, help="enable CORS for these origins")
+    p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests may run on after SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("SINKSERVE_API_KEY", "").split(",") if k.strip()]
+    return keys
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM/Ctrl-C: stop accepting, let requests run up to the timeout, then abort the rest
+    so that their streams end with finish_reason "abort" and [DONE] instead of a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout = timeout
+
+    async def shutdown(self, sockets=None):
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        while self.engine.num_active_requests and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_active_requests:
+            logger.info("aborting %d requests still running", self.engine.num_active_requests)
+            self.engine.abort_all()
+            flush_deadline = loop.time() + 5.0
+            while self.engine.num_active_requests and loop.time() < flush_deadline:
+                await asyncio.sleep(0.05)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal after shutting down; a drained server exits 0 instead.
+        signals = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def build_state(args: argparse.Namespace) -> ServerState:
+    model_dir = Path(args.model) if args.model else BUNDLED_MODEL_DIR
+    engine = Engine(
+        model_dir, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=int(args.kv_cache_memory * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+        attention_sinks=args.attention_sinks, attention_window=args.attention_window, session_ttl=args.session_ttl,
+        load_format=args.load_format, seed=args.seed,
+    )
+    name = args.served_model_name or model_dir.resolve().name
+    return ServerState(
+        engine=AsyncEngine(engine), tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
+        metrics=Metrics(engine, name), model_name=name, max_model_len=engine.max_model_len,
+        defaults=load_generation_defaults(model_dir),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = build_state(args)
+    app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
+    GracefulServer(config, state.engine, args.shutdown_timeout).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The engine in its own thread, and the asyncio side that requests await.
+
+The event loop never runs the model. Requests hand commands (add, abort) to the engine thread
+under a condition variable; the thread sleeps on it while idle (no polling), runs `step()`
+while there is work, and hands each step's outputs back to the event loop in one
+`call_soon_threadsafe`, where they are routed to per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from model.sampling_params import SamplingParams
+from scheduler.engine import Engine
+from scheduler.output_processor import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    options: dict  # Engine.add_request keyword options (sink policy, session)
+
+
+class AsyncEngine:
+    """Runs Engine.step() in a dedicated thread; `generate` yields a request's outputs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._adds: list[_Add] = []
+        self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[Engine], Any], asyncio.Future]] = []
+        self._stopping = False
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self._last_expiry = time.monotonic()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sinkserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    async def generate(self, request_id: str, token_ids: list[int], params: SamplingParams, **options
+                       ) -> AsyncIterator[list[RequestOutput]]:
+        """The request's outputs, a list per engine step, until all n completions finish.
+
+        Leaving the iteration early (the client went away) aborts the request.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submit(adds=[_Add(request_id, token_ids, params, options)])
+        remaining = params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= sum(out.finished for out in item)
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if remaining:
+                self._submit(aborts=[request_id])
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        future = self._loop.create_future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return await future
+
+    def abort_all(self) -> None:
+        """Abort every request (shutdown): their streams end with finish_reason 'abort'."""
+        self._submit(aborts=list(self._queues))
+
+    def _submit(self, adds: list[_Add] = (), aborts: list[str] = ()) -> None:
+        with self._cond:
+            self._adds.extend(adds)
+            self._aborts.extend(aborts)
+            self._cond.notify()
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._adds or self._aborts or self._calls or self._stopping
+                               or self.engine.has_unfinished_requests()):
+                        # Idle: sleep until work arrives, waking once a second only while
+                        # sessions are kept, to expire them.
+                        self._cond.wait(timeout=1.0 if self.engine.num_sessions else None)
+                        self._expire_sessions()
+                    if self._stopping:
+                        return
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                    calls, self._calls = self._calls, []
+                self._expire_sessions()
+                for fn, future in calls:
+                    self._loop.call_soon_threadsafe(_settle, future, *_run(fn, self.engine))
+                outputs: list[RequestOutput | tuple[str, BaseException]] = []
+                for add in adds:
+                    try:
+                        self.engine.add_request(add.request_id, add.token_ids, add.params, **add.options)
+                    except ValueError as exc:
+                        outputs.append((add.request_id, exc))
+                for request_id in aborts:
+                    outputs.extend(self.engine.abort(request_id))
+                if self.engine.has_unfinished_requests():
+                    outputs.extend(self.engine.step())
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as exc:  # the loop is dead: fail everyone instead of hanging them
+            logger.exception("engine loop died")
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop died: {exc!r}"))
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry >= 1.0:
+            self._last_expiry = now
+            self.engine.expire_sessions()
+
+    # -- event loop side ---------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list) -> None:
+        by_request: dict[str, list] = defaultdict(list)
+        for item in outputs:
+            if isinstance(item, tuple):
+                queue = self._queues.get(item[0])
+                if queue is not None:
+                    queue.put_nowait(item[1])
+            else:
+                by_request[item.request_id].append(item)
+        for request_id, items in by_request.items():
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+        for _, future in self._calls:
+            _settle(future, None, error)
+
+
+def _run(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, BaseException | None]:
+    try:
+        return fn(engine), None
+    except Exception as exc:
+        return None, exc
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,138 @@
+"""POST /v1/completions: one or more prompts (text or token ids), streamed or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from scheduler.output_processor import RequestOutput
+from server.errors import APIError
+from server.protocol import CompletionRequest
+from server.serving import (SSE_DONE, Job, ServerState, check_prompt, check_stream_options, completion_logprobs,
+                            engine_options, guarded, run_prompts, sampling_params, sse, until_disconnected, usage)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprob_token_ids: list[int] = field(default_factory=list)
+    logprob_entries: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    echoed: bool = False
+
+
+def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    if isinstance(prompt[0], str):
+        return [state.tokenizer.encode(p) for p in prompt], list(prompt)
+    vocab = state.tokenizer.vocab_size
+    for ids in prompt:
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompt, [state.tokenizer.decode(ids) for ids in prompt]
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
+    state.check_model(body.model)
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    check_stream_options(body)
+    prompts, prompt_texts = _prompts(state, body.prompt)
+    options = engine_options(state, body, raw.headers.get("x-session-id"))
+    if options["session_id"] is not None and len(prompts) > 1:
+        raise APIError(400, "session_id takes a single prompt", param="prompt")
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = sampling_params(state, body, body.max_tokens, body.logprobs, prompt_logprobs)
+    for ids in prompts:
+        check_prompt(state, ids, params, options, "prompt")
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
+    job = Job(request_id, header, prompts, params, options)
+    if body.stream:
+        return StreamingResponse(guarded(_stream(state, body, job, prompt_texts)), media_type="text/event-stream")
+    result = await until_disconnected(raw, _collect(state, body, job, prompt_texts))
+    return JSONResponse(result) if result is not None else Response(status_code=499)
+
+
+def _echo(body: CompletionRequest, choice: _Choice, prompt_ids: list[int], prompt_text: str,
+          out: RequestOutput) -> None:
+    """Put the prompt (and its logprobs) in front of a choice, once."""
+    choice.echoed = True
+    if not body.echo:
+        return
+    choice.text += prompt_text
+    if body.logprobs is not None:
+        choice.logprob_token_ids += prompt_ids
+        choice.logprob_entries += out.prompt_logprobs or [None] * len(prompt_ids)
+
+
+def _add(choice: _Choice, out: RequestOutput) -> None:
+    choice.text += out.text
+    choice.token_ids += out.new_token_ids
+    if out.logprobs:
+        choice.logprob_token_ids += out.new_token_ids
+        choice.logprob_entries += out.logprobs
+
+
+async def _collect(state: ServerState, body: CompletionRequest, job: Job, prompt_texts: list[str]) -> dict:
+    n = job.params.n
+    choices = [_Choice() for _ in range(len(job.prompts) * n)]
+    completion_tokens = cached = 0
+    async for p, out in run_prompts(state, job):
+        choice = choices[p * n + out.index]
+        if not choice.echoed:
+            _echo(body, choice, job.prompts[p], prompt_texts[p], out)
+        _add(choice, out)
+        if out.finished:
+            choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+            completion_tokens += out.num_output_tokens
+            cached += out.num_cached_tokens if out.index == 0 else 0
+    return {**job.header, "choices": [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+         "logprobs": completion_logprobs(state.tokenizer, c.logprob_token_ids, c.logprob_entries, 0)
+         if body.logprobs is not None else None}
+        for i, c in enumerate(choices)], "usage": usage(sum(map(len, job.prompts)), completion_tokens, cached)}
+
+
+async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_texts: list[str]
+                  ) -> AsyncIterator[str]:
+    n = job.params.n
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if include_usage else {}
+    echoed: set[int] = set()
+    text_offsets = [0] * (len(job.prompts) * n)
+    completion_tokens = cached = 0
+    async for p, out in run_prompts(state, job):
+        index = p * n + out.index
+        choice = _Choice()  # this chunk's part of the choice
+        if index not in echoed:
+            echoed.add(index)
+            _echo(body, choice, job.prompts[p], prompt_texts[p], out)
+        _add(choice, out)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(state.tokenizer, choice.logprob_token_ids, choice.logprob_entries,
+                                           text_offsets[index])
+        text_offsets[index] += len(choice.text)
+        if out.finished:
+            completion_tokens += out.num_output_tokens
+            cached += out.num_cached_tokens if out.index == 0 else 0
+        if choice.text or out.finished or (logprobs and logprobs["tokens"]):
+            yield sse({**job.header, "choices": [{
+                "index": index, "text": choice.text, "logprobs": logprobs,
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None}], **extra})
+    if include_usage:
+        yield sse({**job.header, "choices": [], "usage": usage(sum(map(len, job.prompts)), completion_tokens, cached)})
+    yield SSE_DONE

@@ -1,0 +1,81 @@
+"""ASGI middleware: API-key auth and a request body size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from server.errors import error_body
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+async def _send_error(send, status: int, message: str, type: str, headers: list | None = None) -> None:
+    body = json.dumps(error_body(message, type)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/* and the tokenizer routes; /health, /metrics stay open."""
+
+    def __init__(self, app, api_keys: list[str]):
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        value = dict(headers).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        # Compare against every key, in constant time each, whatever matches.
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.api_keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED_PREFIXES):
+            if not self._authorized(scope["headers"]):
+                await _send_error(send, 401, "Incorrect API key provided.", "authentication_error",
+                                  [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies over max_bytes with 413, by Content-Length or while they stream in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_large = f"The request body is larger than the limit of {self.max_bytes} bytes."
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _send_error(send, 413, too_large, "invalid_request_error")
+            return
+        # Read the whole body first (the app would anyway), so a chunked body is limited too.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await _send_error(send, 413, too_large, "invalid_request_error")
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect
+
+        await self.app(scope, replay, send)

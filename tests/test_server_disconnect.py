@@ -1,0 +1,105 @@
+"""Clients that go away free what they held; shutdown ends streams cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.server_process import ServerProcess
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess("--num-kv-blocks", "1024") as proc:
+        yield proc
+
+
+def test_dropped_streams_free_their_blocks(server):
+    idle = server.metric("sinkserve_kv_blocks_used")
+
+    async def drop_after(client: httpx.AsyncClient, chunks: int) -> int:
+        seen = 0
+        async with client.stream("POST", f"{server.url}/v1/completions", json=LONG) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                    if seen == chunks:
+                        break  # leaving the block closes the connection mid-stream
+        return seen
+
+    async def finish(client: httpx.AsyncClient) -> str:
+        body = {"prompt": "Lily", "max_tokens": 30, "ignore_eos": True, "stream": True}
+        events = []
+        async with client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        return json.loads(events[-2])["choices"][0]["finish_reason"]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(drop_after(client, 3 + i % 5) for i in range(20)),
+                                        *(finish(client) for _ in range(8)))
+
+    results = asyncio.run(run())
+    assert results[20:] == ["length"] * 8
+    assert _wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == idle
+                     and server.metric("sinkserve_num_requests_running") == 0)
+    assert server.metric("sinkserve_request_success_total") >= 8
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 4})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_dropped_non_streaming_request_is_aborted(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    # The abort comes long before 450 tokens would have been generated.
+    assert _wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == 0, timeout=30)
+    assert server.metric('sinkserve_num_requests_running') == 0
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_zero():
+    server = ServerProcess("--shutdown-timeout", "1")
+    try:
+        async def stream() -> list[str]:
+            events = []
+            async with httpx.AsyncClient(timeout=60) as client:
+                async with client.stream("POST", f"{server.url}/v1/completions", json=LONG) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+            return events
+
+        async def run():
+            tasks = [asyncio.create_task(stream()) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            server.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+        for events in asyncio.run(run()):
+            assert events[-1] == "[DONE]"
+            last = json.loads(events[-2])["choices"][0]
+            assert last["finish_reason"] in ("abort", "length")
+        assert server.process.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/health")
+    finally:
+        server.stop()
