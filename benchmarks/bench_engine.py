@@ -16,6 +16,11 @@ first prompts are checked against transformers'. Run from the repository root:
     PYTHONPATH=. python benchmarks/bench_engine.py --model stories260K --result-json /tmp/bench_stories.json
     PYTHONPATH=. python benchmarks/bench_engine.py --model dummy-512 --result-json /tmp/bench_dummy512.json
 
+On a GPU (TinyLlama-1.1B shape, random weights, bf16, fixed 512 in / 256 out):
+
+    PYTHONPATH=. python benchmarks/bench_engine.py --model dummy-tinyllama --device cuda --dtype bfloat16 \
+        --input-len 512 512 --output-len 256 256 --batch-size 256
+
 `stories260K` is the bundled checkpoint. `dummy-512` is a random LLaMA (hidden 512, 8 layers,
 8 query / 2 KV heads, intermediate 1536, vocab 32000, context 1024) built by transformers with
 a fixed seed and saved to a temporary directory that both sides load, so the weights are equal.
@@ -44,6 +49,11 @@ from scheduler.engine import Engine
 DUMMY_512 = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                  intermediate_size=1536, vocab_size=32000, max_position_embeddings=1024,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+# TinyLlama-1.1B's shape, for GPU runs.
+DUMMY_TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                       intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+DUMMY_SHAPES = {"dummy-512": DUMMY_512, "dummy-tinyllama": DUMMY_TINYLLAMA}
 
 
 @dataclass
@@ -79,7 +89,7 @@ def prepare_model_dir(name: str, tmp: Path, seed: int) -> Path:
     if name == "stories260K":
         return BUNDLED_MODEL_DIR
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DUMMY_512))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DUMMY_SHAPES[name]))
     hf.save_pretrained(tmp)
     for file in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(BUNDLED_MODEL_DIR / file, tmp / file)
@@ -109,6 +119,7 @@ def run_engine(engine: Engine, work: Workload, tag: str) -> tuple[Result, list[l
         engine.add_request(request_id, prompt, params)
     outputs: dict[str, list[int]] = {request_id: [] for request_id in ids}
     live_slots = allocated_slots = 0
+    synchronize(engine.device)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -116,6 +127,7 @@ def run_engine(engine: Engine, work: Workload, tag: str) -> tuple[Result, list[l
         # After the step: K/V of num_computed_tokens per running request sit in used blocks.
         live_slots += sum(r.num_computed_tokens for r in engine.scheduler.running)
         allocated_slots += engine.block_manager.num_used_blocks * engine.block_size
+    synchronize(engine.device)
     wall = time.perf_counter() - start
     token_ids = [outputs[request_id] for request_id in ids]
     assert [len(t) for t in token_ids] == work.out_lens, "the engine did not honour max_tokens"
@@ -130,11 +142,16 @@ def hf_generate(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_n
                            min_new_tokens=num_new, pad_token_id=0)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_hf_one_at_a_time(hf, work: Workload) -> tuple[Result, list[list[int]]]:
     token_ids = []
     start = time.perf_counter()
     for prompt, out_len in zip(work.prompts, work.out_lens):
-        input_ids = torch.tensor([prompt])
+        input_ids = torch.tensor([prompt], device=hf.device)
         out = hf_generate(hf, input_ids, torch.ones_like(input_ids), out_len)
         token_ids.append(out[0, len(prompt):].tolist())
     wall = time.perf_counter() - start
@@ -154,7 +171,7 @@ def run_hf_static(hf, work: Workload, batch_size: int) -> tuple[Result, list[lis
         for row, prompt in enumerate(prompts):
             input_ids[row, max_in - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, max_in - len(prompt):] = 1
-        out = hf_generate(hf, input_ids, attention_mask, max_out)  # [B, max_in + max_out]
+        out = hf_generate(hf, input_ids.to(hf.device), attention_mask.to(hf.device), max_out)  # [B, max_in + max_out]
         token_ids += [out[row, max_in:max_in + n].tolist() for row, n in enumerate(out_lens)]
         wasted += len(prompts) * max_out - sum(out_lens)
         # A static cache of B x (max_in + max_out) slots; after forward s a prompt still
@@ -176,6 +193,10 @@ def count_matches(ours: list[list[int]], reference: list[list[int]]) -> tuple[in
     return len(ours) - len(notes), notes
 
 
+def device_name(device: torch.device) -> str:
+    return f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU {cpu_name()}"
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -194,7 +215,11 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("stories260K", "dummy-512"), default="stories260K")
+    parser.add_argument("--model", choices=("stories260K", *DUMMY_SHAPES), default="stories260K")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--baseline-prompts", type=int, default=32,
                         help="time one-at-a-time transformers on the first K prompts only")
@@ -213,20 +238,21 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         model_dir = prepare_model_dir(args.model, Path(tmp), args.seed)
-        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                           attn_implementation="sdpa").eval()
-        engine = Engine(model_dir, device="cpu", dtype=torch.float32, num_kv_blocks=args.num_kv_blocks,
+        dtype = getattr(torch, args.dtype)
+        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                           attn_implementation="sdpa").eval().to(args.device)
+        engine = Engine(model_dir, device=args.device, dtype=dtype, num_kv_blocks=args.num_kv_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         load_format="auto", seed=args.seed)
     hf.generation_config.eos_token_id = None  # ignore EOS: no stopping on it, no suppression of it
     vocab_size = engine.model.config.vocab_size
     widen_tokenizer(engine.tokenizer, vocab_size)
-    work = make_workload(args.num_prompts, vocab_size, args.seed)
+    work = make_workload(args.num_prompts, vocab_size, args.seed, tuple(args.input_len), tuple(args.output_len))
     k = min(args.baseline_prompts, args.num_prompts)
     head = Workload(work.prompts[:k], work.out_lens[:k])
 
     print(f"model {args.model}, {args.num_prompts} prompts, torch threads {torch.get_num_threads()}, "
-          f"CPU {cpu_name()}; warming up")
+          f"{device_name(engine.device)}; warming up")
     warm = make_workload(8, vocab_size, args.seed + 1, in_range=(16, 64), out_range=(4, 16))
     run_engine(engine, warm, "warmup")
     run_hf_one_at_a_time(hf, Workload(warm.prompts[:2], warm.out_lens[:2]))
@@ -267,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.result_json:
         payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                   "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+                   "device": device_name(engine.device), "torch_threads": torch.get_num_threads(),
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results],
                    "engine_preemptions": engine.scheduler.num_preemptions, **summary}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionMetadata, paged_attention, write_kv
+from model.attention_backend import attention_functions
 from model.config import ModelConfig
 from model.rotary import RotaryEmbedding
 
@@ -46,6 +47,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.rotary = rotary
+        # The PyTorch reference until LlamaForCausalLM.set_attention_backend picks another.
+        self.write_kv, self.paged_attention = write_kv, paged_attention
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -54,9 +57,9 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # keys stored before RoPE
+        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # keys stored before RoPE
         q = self.rotary.rotate(q, meta.positions)
-        out = paged_attention(q, k_cache, v_cache, meta, self.rotary, self.scale)  # [T, Hq, D]
+        out = self.paged_attention(q, k_cache, v_cache, meta, self.rotary, self.scale)  # [T, Hq, D]
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -120,6 +123,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCache) -> torch.Tensor:
         """Hidden states [T, hidden] of the new tokens; their K/V are written into kv_caches."""
         return self.model(input_ids, meta, kv_caches)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run attention with a resolved backend, `torch` or `triton` (model/attention_backend.py)."""
+        write, attend = attention_functions(backend)
+        for layer in self.model.layers:
+            layer.self_attn.write_kv, layer.self_attn.paged_attention = write, attend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden] (only the rows that need them)."""

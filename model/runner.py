@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import AttentionMetadata
+from model.cuda_graphs import DecodeGraphs
 from model.llama import LlamaForCausalLM
 from model.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs
 
@@ -66,20 +67,37 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Run decode-only steps through padded static buffers, captured as CUDA graphs
+        (capture=False runs the padded forward eagerly). Needs the triton attention backend."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
+                                          self.block_size, capture)
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> ModelOutput:
         if inp.blocks_to_copy:
             self._copy_blocks(inp.blocks_to_copy)
-        meta = AttentionMetadata.build(inp.query_lens, inp.context_lens, inp.block_tables,
-                                       self.block_size, self.device, inp.sink_lens, inp.sink_gaps)
-        input_ids = torch.tensor(inp.token_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, meta, self.kv_caches)  # [T, hidden]
-        prompt_logprobs = [self._prompt_logprobs(hidden, meta, req) for req in inp.prompt_logprobs]
+        graphs = self.decode_graphs
+        if graphs is not None and not inp.prompt_logprobs and graphs.can_run(inp.query_lens, inp.block_tables):
+            # Decode only: one token per sequence, so row i of hidden is sequence i's last token.
+            hidden = graphs.run(inp.token_ids, inp.context_lens, inp.block_tables, inp.sink_lens,
+                                inp.sink_gaps)  # [B, hidden]
+            prompt_logprobs = []
+            last_token = None
+        else:
+            meta = AttentionMetadata.build(inp.query_lens, inp.context_lens, inp.block_tables,
+                                           self.block_size, self.device, inp.sink_lens, inp.sink_gaps)
+            input_ids = torch.tensor(inp.token_ids, dtype=torch.int64, device=self.device)
+            hidden = self.model(input_ids, meta, self.kv_caches)  # [T, hidden]
+            prompt_logprobs = [self._prompt_logprobs(hidden, meta, req) for req in inp.prompt_logprobs]
+            last_token = meta.query_start_loc[1:] - 1  # [B] flat index of each sequence's last token
         if not inp.sampling_rows:
             return ModelOutput(None, prompt_logprobs)
-        last_token = meta.query_start_loc[1:] - 1  # [B] flat index of each sequence's last token
-        rows = last_token[torch.tensor(inp.sample_seq_indices, device=self.device)]
+        rows = torch.tensor(inp.sample_seq_indices, device=self.device)
+        if last_token is not None:
+            rows = last_token[rows]
         logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
         banned = [(row, tok) for row, toks in enumerate(inp.banned_token_ids) for tok in toks]
         if banned:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.attention_backend import resolve_backend
 from model.loader import BUNDLED_MODEL_DIR, load_model
 from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
 from model.sampler import SamplerOutput, SamplingRow
@@ -86,11 +87,15 @@ class Engine:
         attention_window: int | None = None,
         load_format: str = "auto",
         seed: int = 0,
+        attention_backend: str | None = None,
+        enforce_eager: bool = False,
     ):
         model_dir = Path(model) if model is not None else BUNDLED_MODEL_DIR
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_dir, self.dtype, self.device, load_format, seed)
+        self.attention_backend = resolve_backend(attention_backend, self.device, self.model.config.head_dim)
+        self.model.set_attention_backend(self.attention_backend)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         config = self.model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -107,6 +112,8 @@ class Engine:
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager,
             session_ttl)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not enforce_eager:
+            self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-window", type=int, default=None,
                    help="StreamingLLM recent window in tokens (default: none, dense attention)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
+                   help="paged attention implementation (default: auto, triton kernels on CUDA)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -112,7 +115,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         attention_sinks=args.attention_sinks, attention_window=args.attention_window, session_ttl=args.session_ttl,
-        load_format=args.load_format, seed=args.seed,
+        load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
     )
     name = args.served_model_name or model_dir.resolve().name
     return ServerState(

@@ -1,0 +1,12 @@
+"""Triton kernels: the GPU fast path of paged attention (model/kernels/paged_attention.py).
+
+`paged_attention_triton` and `write_kv_triton` take the same arguments and give the same results
+as the PyTorch reference `model.attention.paged_attention` / `write_kv`. Importing this package
+imports triton; nothing else in the repository imports it, so a CPU install without triton
+still works. On a CPU, set TRITON_INTERPRET=1 before triton is first imported to run the
+kernels in Triton's interpreter (slow; for tests).
+"""
+
+from model.kernels.paged_attention import paged_attention_triton, write_kv_triton
+
+__all__ = ["paged_attention_triton", "write_kv_triton"]

@@ -1,0 +1,200 @@
+"""Triton paged-attention kernels against the PyTorch reference (model/attention.py).
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
+below before anything imports triton): small shapes only, it is slow. With CUDA the same
+cases run on the GPU, and the `gpu` test adds full-size batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
+from model.config import RopeConfig  # noqa: E402
+from model.kernels import paged_attention_triton, write_kv_triton  # noqa: E402
+from model.kernels.paged_attention import _sincos  # noqa: E402
+from model.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+# Max error relative to the largest reference value, against a float32 reference on the same
+# (rounded) inputs.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed=0, device=DEVICE):
+    """A batch over a random pool. specs: (query_len, context_len, num_sinks) per sequence,
+    decodes first. A sequence with sinks has had its first eviction: its keys past the sinks
+    sit sink_gap = (sink blocks * block_size - num_sinks) slots further on, as in
+    scheduler/sink_policy.py. Blocks come from a shuffled pool with spare ("evicted") blocks
+    that no table holds; the whole pool is random data, then the new K/V are written at their
+    slots. Returns (q, k_cache, v_cache, meta, new_k, new_v)."""
+    gen = torch.Generator().manual_seed(seed)
+    sinks = [s for _, _, s in specs]
+    gaps = [-(-s // block_size) * block_size - s for s in sinks]
+    blocks_needed = []
+    for (_, ctx, sink), gap in zip(specs, gaps):
+        last = ctx - 1 + (gap if ctx - 1 >= sink else 0)  # slot index of the last key
+        blocks_needed.append(last // block_size + 1)
+    num_blocks = sum(blocks_needed) + 5
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    tables = []
+    for n in blocks_needed:
+        tables.append([free.pop() for _ in range(n)])
+    query_lens = [q for q, _, _ in specs]
+    context_lens = [c for _, c, _ in specs]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device,
+                                   sink_lens=sinks if any(gaps) else None,
+                                   sink_gaps=gaps if any(gaps) else None)
+    assert (meta.sink_gaps is not None) == any(gaps)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    num_tokens = sum(query_lens)
+    new_k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    new_v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    write_kv(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
+    # Scale 1.5 sharpens the softmax a little, so a misplaced key shows.
+    q = (1.5 * torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen)).to(dtype).to(device)
+    return q, k_cache, v_cache, meta, new_k, new_v
+
+
+def rotary_for(head_dim: int, device=DEVICE) -> RotaryEmbedding:
+    return RotaryEmbedding(RopeConfig(theta=10000.0), head_dim).to(device)
+
+
+def check_attention(specs, num_kv_heads, group, head_dim, block_size, dtype, partition_size=512, block_n=None,
+                    seed=0):
+    q, k_cache, v_cache, meta, _, _ = make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed)
+    rotary = rotary_for(head_dim)
+    scale = head_dim ** -0.5
+    out = paged_attention_triton(q, k_cache, v_cache, meta, rotary, scale, partition_size=partition_size,
+                                 block_n=block_n)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, rotary, scale)
+    error = max_relative_error(out, expected)
+    assert error < TOLERANCE[dtype], f"max relative error {error:.2e}"
+    if dtype != torch.float32:
+        # The kernel is at least about as close to exact as the reference run in the same dtype.
+        in_dtype = paged_attention(q, k_cache, v_cache, meta, rotary, scale)
+        assert error <= 2 * max_relative_error(in_dtype, expected) + 1e-3
+    return error
+
+
+# Decodes first (9 keys; 45 keys with 5 sinks; 100 keys with 16 sinks), then prefill chunks: a
+# first chunk of 17 tokens, a 6-token chunk after eviction with 3 sinks, a 1-token chunk.
+MIXED = [(1, 9, 0), (1, 45, 5), (1, 100, 16), (17, 17, 0), (6, 60, 3), (1, 30, 0)]
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n",
+    [
+        (2, 1, 64, 16, torch.float32, 32, 16),  # 2 key tiles per partition: online-softmax rescale
+        (1, 2, 128, 32, torch.float32, 64, None),
+        (2, 8, 64, 32, torch.float32, 16, 16),
+        (2, 4, 64, 32, torch.float16, 512, None),  # one decode partition: no merge
+        (1, 8, 128, 16, torch.bfloat16, 32, 16),
+    ],
+    ids=["g1-d64-bs16-fp32", "g2-d128-bs32-fp32", "g8-d64-bs32-fp32", "g4-d64-bs32-fp16-single",
+         "g8-d128-bs16-bf16"],
+)
+def test_mixed_batch_with_sinks(num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n):
+    check_attention(MIXED, num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n)
+
+
+def test_decode_only_many_partitions_no_sinks():
+    specs = [(1, 3, 0), (1, 77, 0), (1, 130, 0)]  # 130 keys: 9 partitions of 16
+    check_attention(specs, 2, 2, 64, 16, torch.float32, partition_size=16, seed=1)
+
+
+def test_prefill_only_long_chunk():
+    # A 70-token chunk spans two query tiles (64 rows at G=1), and a chunk after eviction.
+    specs = [(70, 90, 0), (3, 40, 4)]
+    check_attention(specs, 1, 1, 64, 32, torch.float32, block_n=16, seed=2)
+
+
+def test_head_dim_16_without_dot():
+    check_attention([(1, 20, 0), (5, 12, 0)], 1, 4, 16, 16, torch.float32, partition_size=16, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv(dtype):
+    gen = torch.Generator().manual_seed(4)
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 16, 3, 64
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:21].to(DEVICE)
+    k = torch.randn(21, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(21, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    base = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    expected_k, expected_v = base[0].clone(), base[1].clone()
+    write_kv(expected_k, expected_v, k, v, slots)
+    k_cache, v_cache = base[0].clone(), base[1].clone()
+    write_kv_triton(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    # A negative slot (a padding token) is skipped.
+    write_kv_triton(k_cache, v_cache, k[:2] + 1, v[:2] + 1, torch.tensor([-1, -1], device=DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_full_size_on_gpu(dtype, block_size):
+    rng = random.Random(5)
+    specs = []
+    for _ in range(48):  # decodes, contexts up to 4k, a third with sinks after eviction
+        specs.append((1, rng.randint(1, 4096), rng.choice([0, 0, 4, 16, 21])))
+    for _ in range(16):  # prefill chunks, some first chunks, some later ones
+        q_len = rng.randint(1, 256)
+        specs.append((q_len, rng.choice([q_len, rng.randint(q_len, 4096)]), rng.choice([0, 4, 21])))
+    specs = [(q, c, s if c > s + block_size else 0) for q, c, s in specs]
+    for partition_size in (512, 256):
+        check_attention(specs, 8, 4, 128, block_size, dtype, partition_size, seed=6)
+    # The kernels' write matches the reference on the full batch too.
+    q, k_cache, v_cache, meta, new_k, new_v = make_case(specs, 8, 4, 128, block_size, dtype, seed=6)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_cache.zero_(), v_cache.zero_()
+    write_kv_triton(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
+    flat = meta.slot_mapping
+    assert torch.equal(k_cache.view(-1, 8, 128)[flat], k_ref.view(-1, 8, 128)[flat])
+    assert torch.equal(v_cache.view(-1, 8, 128)[flat], v_ref.view(-1, 8, 128)[flat])
+    assert not math.isnan(float(k_cache.float().sum()))
+
+
+@triton.jit
+def _sincos_kernel(x_ptr, sin_ptr, cos_ptr, N: tl.constexpr):
+    offs = tl.program_id(0) * N + tl.arange(0, N)
+    sin, cos = _sincos(tl.load(x_ptr + offs))
+    tl.store(sin_ptr + offs, sin)
+    tl.store(cos_ptr + offs, cos)
+
+
+def test_in_kernel_sincos_matches_torch_at_long_positions():
+    # The kernels rotate keys with their own sin/cos of the fp32 angle j * inv_freq.
+    inv_freq = rotary_for(128, "cpu").inv_freq
+    gen = torch.Generator().manual_seed(8)
+    positions = torch.cat([torch.arange(64), torch.randint(0, 2_000_000, (64,), generator=gen)])
+    angles = (positions.float()[:, None] * inv_freq).flatten().to(DEVICE)  # as the reference forms them
+    sin, cos = torch.empty_like(angles), torch.empty_like(angles)
+    _sincos_kernel[(angles.numel() // 1024,)](angles, sin, cos, N=1024)
+    assert (sin.double() - angles.double().sin()).abs().max() < 3e-7
+    assert (cos.double() - angles.double().cos()).abs().max() < 3e-7
