@@ -41,6 +41,9 @@ class AttentionMetadata:
     max_prefill_context_len: int
     sink_lens: torch.Tensor | None = None  # [B] int64 attention sinks of each sequence
     sink_gaps: torch.Tensor | None = None  # [B] int64 unused slots after its sinks (None: all 0)
+    # Decode rows grouped by context length for the reference attention, each group padded only
+    # to its own longest context: (row indices [n], longest context). None: one group of all.
+    decode_groups: list[tuple[torch.Tensor, int]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -97,7 +100,32 @@ class AttentionMetadata:
             max_prefill_context_len=max(context_lens[num_decode:], default=0),
             sink_lens=sinks.to(device) if gaps is not None else None,
             sink_gaps=gaps.to(device) if gaps is not None else None,
+            decode_groups=[(torch.tensor(rows, device=device), max_len)
+                           for rows, max_len in group_by_length(context_lens[:num_decode])],
         )
+
+
+def group_by_length(lengths: list[int], max_padding: float = 0.25, min_group: int = 8
+                    ) -> list[tuple[list[int], int]]:
+    """Split rows into groups of similar length: (row indices, longest length) per group.
+
+    Rows are taken longest first; a group closes when padding its rows to its longest would
+    cost more than `max_padding` over their total length (and it has `min_group` rows).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    groups: list[tuple[list[int], int]] = []
+    rows: list[int] = []
+    total = 0
+    for row in order:
+        if rows and len(rows) >= min_group and lengths[rows[0]] * (len(rows) + 1) > (1 + max_padding) * (
+                total + lengths[row]):
+            groups.append((rows, lengths[rows[0]]))
+            rows, total = [], 0
+        rows.append(row)
+        total += lengths[row]
+    if rows:
+        groups.append((rows, lengths[rows[0]]))
+    return groups
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -155,25 +183,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
     """Reference paged attention for a flat batch of new queries q [T, Hq, D] (rotated).
 
-    Batched over sequences: decodes in one call padded to the longest context, prefill chunks in
-    another padded to the longest chunk. Each query sees the cache entries at or before its
+    Batched over sequences: decodes in a few calls, each over a group of similar context lengths
+    padded to its longest (`meta.decode_groups`), prefill chunks in one call padded to the
+    longest chunk. Each query sees the cache entries at or before its
     position. Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
     block_size = k_cache.shape[1]
 
-    def slots(rows: slice, num_keys: int) -> torch.Tensor:
+    def slots(rows: slice | torch.Tensor, num_keys: int) -> torch.Tensor:
         sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
         gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
         return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
 
-    if num_decode:
-        num_keys = meta.max_decode_context_len
+    # Decodes, a group of similar context lengths at a time (each padded to its longest).
+    groups = meta.decode_groups
+    if groups is None:
+        groups = [(slice(0, num_decode), meta.max_decode_context_len)] if num_decode else []
+    for rows, num_keys in groups:
         key_index = torch.arange(num_keys, device=q.device)
-        allowed = key_index < meta.context_lens[:num_decode, None]  # [Bd, L]
-        out[:num_decode] = _attend(q[:num_decode, None], k_cache, v_cache, slots(slice(0, num_decode), num_keys),
-                                   allowed[:, None], rotary, scale)[:, 0]
+        allowed = key_index < meta.context_lens[rows][:, None]  # [n, L]
+        out[rows] = _attend(q[rows][:, None], k_cache, v_cache, slots(rows, num_keys), allowed[:, None], rotary,
+                            scale)[:, 0]
     if num_decode < meta.num_seqs:
         starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
         q_lens = starts[1:] - starts[:-1]  # [Bp]

@@ -38,18 +38,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [*positions.shape, head_dim] for integer positions of any shape."""
+        """cos and sin [*positions.shape, head_dim // 2] for integer positions of any shape."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [..., head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [..., head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [*positions.shape, num_heads, head_dim] rotated by its positions."""
+        """x [*positions.shape, num_heads, head_dim] rotated by its positions (a new tensor).
+
+        Rotate-half layout: with x = [x1, x2] split at head_dim // 2, the result is
+        [x1 cos - x2 sin, x2 cos + x1 sin], written half by half without temporaries of x's size.
+        """
         cos, sin = self.cos_sin(positions, x.dtype)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-        return x * cos + rotate_half(x) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., 1, head_dim // 2], broadcast over heads
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty_like(x)
+        out1, out2 = out[..., :half], out[..., half:]
+        torch.mul(x1, cos, out=out1)
+        out1.addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out2)
+        out2.addcmul_(x1, sin)
+        return out

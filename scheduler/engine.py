@@ -113,7 +113,12 @@ class Engine:
             session_ttl)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not enforce_eager:
-            self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
+            try:
+                self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
+            except Exception:  # a driver or triton that cannot capture: run eagerly rather than not at all
+                logger.exception("CUDA graph capture failed; decode steps run eagerly")
+                self.runner.decode_graphs = None
+                torch.cuda.synchronize(self.device)
         self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
