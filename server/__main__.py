@@ -21,6 +21,7 @@ from scheduler.engine import Engine
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
 from server.chat_template import ChatTemplate
+from server.logs import configure_logging
 from server.metrics import Metrics
 from server.serving import ServerState, load_generation_defaults
 
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", action="append", default=None,
                    help="require this bearer key on /v1/* (repeat for several; also env SINKSERVE_API_KEY, "
                         "comma-separated)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file with one API key per line (also env SINKSERVE_API_KEY_FILE)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="requests past this many waiting get a fast 503 with Retry-After (0: no limit)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-sinks", type=int, default=4, help="StreamingLLM sink tokens kept (with a window)")
     p.add_argument("--attention-window", type=int, default=None,
@@ -62,12 +67,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line, with the request id")
     return p.parse_args(argv)
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key, SINKSERVE_API_KEY (comma-separated) and --api-key-file /
+    SINKSERVE_API_KEY_FILE (one per line, # comments). Never logged."""
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("SINKSERVE_API_KEY", "").split(",") if k.strip()]
+    key_file = args.api_key_file or os.environ.get("SINKSERVE_API_KEY_FILE")
+    if key_file:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"cannot read the API key file: {exc.strerror}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise SystemExit("the API key file has no keys")
     return keys
 
 
@@ -122,19 +140,20 @@ def build_state(args: argparse.Namespace) -> ServerState:
     return ServerState(
         engine=AsyncEngine(engine), tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(engine, name), model_name=name, max_model_len=engine.max_model_len,
-        defaults=load_generation_defaults(model_dir),
+        defaults=load_generation_defaults(model_dir), max_waiting_requests=args.max_waiting_requests or None,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     if args.threads:
         torch.set_num_threads(args.threads)
     state = build_state(args)
     app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+    # Our logging for uvicorn too; the access log is RequestIdMiddleware's (it has the request id).
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=5)
     logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
     GracefulServer(config, state.engine, args.shutdown_timeout).run()
 

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
-from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving import ServerState
 
@@ -85,10 +85,13 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
 
-    # Outermost last: the size limit runs before auth, CORS before both.
+    # Outermost last: the size limit runs before auth, CORS before both, and the request id
+    # before everything, so that every response (errors included) carries one.
     if api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -60,6 +60,11 @@ class AsyncEngine:
     def num_active_requests(self) -> int:
         return len(self._queues)
 
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests not yet running: handed over to the engine thread or in its waiting queue."""
+        return len(self._adds) + len(self.engine.scheduler.waiting)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="sinkserve-engine", daemon=True)

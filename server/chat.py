@@ -39,6 +39,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, max_tokens, logprobs)
     check_prompt(state, prompt, params, options, "messages")
+    state.check_capacity()
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     job = Job(request_id, header, [prompt], params, options)

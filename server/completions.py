@@ -56,6 +56,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     params = sampling_params(state, body, body.max_tokens, body.logprobs, prompt_logprobs)
     for ids in prompts:
         check_prompt(state, ids, params, options, "prompt")
+    state.check_capacity()
     request_id = f"cmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
     job = Job(request_id, header, prompts, params, options)

@@ -68,6 +68,9 @@ class Metrics:
         self._finished = Counter(
             "sinkserve_request_success", "Completions finished, by finish reason.",
             labels + ["finished_reason"], registry=self.registry)
+        self.requests_rejected = Counter(
+            "sinkserve_requests_rejected", "Requests refused with 503 because the waiting queue was full.",
+            labels, registry=self.registry).labels(model_name)
         self.model_name = model_name
 
     def finished(self, reason: str) -> None:

@@ -1,11 +1,20 @@
-"""ASGI middleware: API-key auth and a request body size limit."""
+"""ASGI middleware: request ids and access logs, API-key auth, a request body size limit."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
+import time
+import uuid
 
 from server.errors import error_body
+from server.logs import REQUEST_ID
+
+access_logger = logging.getLogger("sinkserve.access")
+# A client's X-Request-Id is kept when it is this tame; anything else gets a fresh id.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
@@ -16,6 +25,40 @@ async def _send_error(send, status: int, message: str, type: str, headers: list 
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id (the client's `X-Request-Id` when well-formed, else a new
+    one), returns it in the `X-Request-Id` response header, puts it in the log context of
+    everything the request does, and writes one access-log line when the response has ended."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        status = 0
+        start = time.perf_counter()
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            millis = 1000 * (time.perf_counter() - start)
+            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, millis,
+                               extra={"fields": {"method": scope["method"], "path": scope["path"],
+                                                 "status": status, "duration_ms": round(millis, 1)}})
+            REQUEST_ID.reset(token)
 
 
 class APIKeyMiddleware:

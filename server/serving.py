@@ -38,6 +38,14 @@ class ServerState:
     model_name: str
     max_model_len: int
     defaults: dict = field(default_factory=dict)
+    max_waiting_requests: int | None = None  # None: unbounded
+
+    def check_capacity(self) -> None:
+        """A fast 503 with Retry-After when the waiting queue is full (admitted requests run on)."""
+        if self.max_waiting_requests is not None and self.engine.num_waiting_requests >= self.max_waiting_requests:
+            self.metrics.requests_rejected.inc()
+            raise APIError(503, f"The server is overloaded ({self.max_waiting_requests} requests are waiting). "
+                                "Retry later.", "service_unavailable", code="overloaded", headers={"Retry-After": "1"})
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
