@@ -6,6 +6,7 @@ offline API for scripts. This is the one place where the scheduler meets the mod
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import time
@@ -122,6 +123,7 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -143,11 +145,13 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     attention_sinks: int | None = None, attention_window: int | None = None,
-                    session_id: str | None = None) -> list[int]:
+                    session_id: str | None = None, deadline: float | None = None) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises ValueError for bad input.
 
         `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
-        `session_id` keeps the request's cache for the session's next request (sessions.py).
+        `session_id` keeps the request's cache for the session's next request (sessions.py);
+        at `deadline` (time.monotonic()) the request ends, waiting or running, with finish
+        reason "timeout" and what it has generated so far.
         """
         if session_id is not None and params.n != 1:
             raise ValueError("a session request must have n = 1")
@@ -160,6 +164,8 @@ class Engine:
         self._groups[request_id] = [request]
         self.output_processor.add(request)
         self.scheduler.add_request(request)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, request_id))
         self.num_prompt_tokens += len(token_ids)
         return token_ids
 
@@ -184,12 +190,12 @@ class Engine:
                 f"{max_tokens} in the completion). Please reduce the length of the messages or completion."
             )
 
-    def abort(self, request_id: str) -> list[RequestOutput]:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """Stop every completion of a request and free their blocks at once."""
         outputs = []
         for request in self._groups.pop(request_id, []):
             if not request.is_finished:
-                self.scheduler.finish_request(request, FinishReason.ABORT)
+                self.scheduler.finish_request(request, reason)
                 outputs.append(self.output_processor.final_output(request))
             self._forget(request)
         return outputs
@@ -209,9 +215,10 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
+        expired = self._expire_deadlines(time.monotonic())
         batch = self.scheduler.schedule()
         if not batch.requests:
-            return []
+            return expired
         for child in batch.forked:
             self._groups[child.group_id].append(child)
             self.output_processor.add(child)
@@ -224,9 +231,16 @@ class Engine:
                 TokenLogprob(t, lp, rank, list(zip(ids, lps)))
                 for t, lp, rank, ids, lps in zip(pl.token_ids, pl.logprobs, pl.ranks, pl.top_token_ids,
                                                  pl.top_logprobs)])
-        return self._process_samples(batch, output.sampled)
+        return expired + self._process_samples(batch, output.sampled)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _expire_deadlines(self, now: float) -> list[RequestOutput]:
+        outputs = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            outputs += self.abort(request_id, FinishReason.TIMEOUT)  # nothing if it already ended
+        return outputs
 
     def _model_input(self, batch: ScheduledBatch) -> ModelInput:
         token_ids, context_lens, tables, prompt_lps = [], [], [], []

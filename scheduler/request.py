@@ -20,6 +20,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_tokens, or the context is full
     ABORT = "abort"  # the client went away or asked
+    TIMEOUT = "timeout"  # the request's deadline passed
 
 
 @dataclass(eq=False)

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request ends with finish_reason 'timeout' (default: none)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests past this many waiting get a fast 503 with Retry-After (0: no limit)")
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -141,6 +143,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         engine=AsyncEngine(engine), tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(engine, name), model_name=name, max_model_len=engine.max_model_len,
         defaults=load_generation_defaults(model_dir), max_waiting_requests=args.max_waiting_requests or None,
+        request_timeout=args.request_timeout,
     )
 
 

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.async_engine import EngineDeadError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
@@ -35,6 +36,11 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     app = FastAPI(title="sinkserve", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError):
+        return error_response(503, "The engine is not running; the server cannot serve requests.",
+                              "service_unavailable", code="engine_dead")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

@@ -156,7 +156,8 @@ class AsyncEngine:
         except BaseException as exc:  # the loop is dead: fail everyone instead of hanging them
             logger.exception("engine loop died")
             self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop died: {exc!r}"))
+            # The details are in the log above; clients learn only that the engine stopped.
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError("the engine loop has stopped"))
 
     def _expire_sessions(self) -> None:
         now = time.monotonic()

@@ -47,6 +47,9 @@ class SamplingFields(BaseModel):
     attention_sinks: Annotated[StrictInt, Field(ge=0)] | None = None
     attention_window: Annotated[StrictInt, Field(ge=0)] | None = None
     session_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    # Seconds from arrival after which the request ends with finish_reason "timeout" (null: the
+    # server's --request-timeout).
+    request_timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = None
 
     @field_validator("stop")
     @classmethod

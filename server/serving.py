@@ -39,6 +39,7 @@ class ServerState:
     max_model_len: int
     defaults: dict = field(default_factory=dict)
     max_waiting_requests: int | None = None  # None: unbounded
+    request_timeout: float | None = None  # seconds; None: no deadline unless a request sets one
 
     def check_capacity(self) -> None:
         """A fast 503 with Retry-After when the waiting queue is full (admitted requests run on)."""
@@ -93,7 +94,7 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
 
 
 def engine_options(state: ServerState, body: SamplingFields, session_header: str | None) -> dict:
-    """Engine.add_request options of a request: its sink policy and session, checked."""
+    """Engine.add_request options of a request: its sink policy, session and deadline, checked."""
     session_id = body.session_id or session_header
     try:
         state.engine.engine.sink_policy(body.attention_sinks, body.attention_window)
@@ -101,8 +102,9 @@ def engine_options(state: ServerState, body: SamplingFields, session_header: str
         raise APIError(400, str(exc), param="attention_window") from exc
     if session_id is not None and body.n != 1:
         raise APIError(400, "session_id needs n = 1", param="n")
+    timeout = body.request_timeout or state.request_timeout
     return {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
-            "session_id": session_id}
+            "session_id": session_id, "deadline": time.monotonic() + timeout if timeout else None}
 
 
 def check_prompt(state: ServerState, token_ids: list[int], params: SamplingParams, options: dict,

@@ -80,3 +80,69 @@ def test_a_full_waiting_queue_gets_a_fast_503_and_admitted_requests_finish(serve
     assert results["running"].json()["usage"]["completion_tokens"] == 400
     assert server.metric("sinkserve_requests_rejected_total") == 2
     assert server.metric("sinkserve_kv_blocks_used") == 0
+
+
+def test_request_timeout_ends_running_and_waiting_requests(server):
+    long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    timed = _post(server, {**long, "request_timeout": 0.3}).json()
+    assert timed["choices"][0]["finish_reason"] == "timeout"
+    assert 0 < timed["usage"]["completion_tokens"] < 400
+    with httpx.stream("POST", server.url + "/v1/completions", json={**long, "request_timeout": 0.3, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "timeout"
+    # A request still waiting (max_num_seqs 1 is taken) expires in the queue.
+    results = {}
+    running = threading.Thread(target=lambda: results.setdefault("running", _post(server, long)))
+    running.start()
+    deadline = time.monotonic() + 60
+    while server.metric("sinkserve_num_requests_running") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waited = _post(server, {"prompt": "Once", "max_tokens": 4, "request_timeout": 0.2}).json()
+    assert waited["choices"][0]["finish_reason"] == "timeout" and waited["usage"]["completion_tokens"] == 0
+    running.join(120)
+    assert results["running"].json()["usage"]["completion_tokens"] == 400
+    assert server.metric("sinkserve_kv_blocks_used") == 0
+
+
+def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
+    import asyncio
+
+    from scheduler.engine import Engine
+    from server.app import build_app
+    from server.async_engine import AsyncEngine
+    from server.chat_template import ChatTemplate
+    from server.metrics import Metrics
+    from server.serving import ServerState
+
+    engine = Engine(device="cpu", num_kv_blocks=64)
+
+    def failing_step():
+        raise RuntimeError("injected fault at /internal/path")
+
+    engine.step = failing_step
+    state = ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
+                        chat_template=ChatTemplate(engine.tokenizer), metrics=Metrics(engine, "stories260K"),
+                        model_name="stories260K", max_model_len=engine.max_model_len)
+    app = build_app(state)
+
+    async def scenario():
+        state.engine.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sinkserve") as client:
+                body = {"prompt": "Once", "max_tokens": 4}
+                first, stream = await asyncio.gather(
+                    client.post("/v1/completions", json=body),
+                    client.post("/v1/completions", json={**body, "stream": True}))
+                return first, stream, await client.get("/health"), await client.post("/v1/completions", json=body)
+        finally:
+            state.engine.stop()
+
+    first, stream, health, after = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert first.status_code == 503 and first.json()["error"]["code"] == "engine_dead"
+    assert "injected" not in first.text and "/internal" not in first.text
+    assert stream.status_code in (200, 503) and "injected" not in stream.text
+    if stream.status_code == 200:  # the stream had started: the error travels inside it
+        assert '"error"' in stream.text and stream.text.rstrip().endswith("data: [DONE]")
+    assert health.status_code == 503
+    assert after.status_code == 503
