@@ -193,11 +193,19 @@ class Engine:
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """Stop every completion of a request and free their blocks at once."""
         outputs = []
-        for request in self._groups.pop(request_id, []):
+        group = self._groups.pop(request_id, [])
+        for request in group:
             if not request.is_finished:
                 self.scheduler.finish_request(request, reason)
                 outputs.append(self.output_processor.final_output(request))
             self._forget(request)
+        if group and not group[0].forked:
+            # The n - 1 completions of a prompt that had not forked yet end too: whoever waits
+            # for all n gets every one of them.
+            parent = group[0]
+            outputs += [RequestOutput(request_id=request_id, index=index, new_token_ids=[], text="", finished=True,
+                                      finish_reason=reason.value, num_prompt_tokens=parent.num_prompt_tokens)
+                        for index in range(1, parent.params.n)]
         return outputs
 
     def end_session(self, session_id: str) -> bool:

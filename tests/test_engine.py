@@ -204,3 +204,21 @@ def test_prompt_over_the_context_is_refused(checkpoint):
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("y", [], SamplingParams())
     assert not engine.has_unfinished_requests()
+
+
+def test_a_deadline_ends_every_completion_of_a_request_that_has_not_forked():
+    import time
+
+    engine = Engine(device="cpu", num_kv_blocks=64, max_num_seqs=4)
+    params = SamplingParams(n=3, max_tokens=200, ignore_eos=True)
+    engine.add_request("running", [1, 20, 30], params)
+    engine.add_request("waiting", [1, 40, 50], params, deadline=time.monotonic() - 1)  # already past
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[(out.request_id, out.index)] = (out.finish_reason, out.num_output_tokens)
+    # The waiting request never forked: all three of its completions still end, with "timeout".
+    assert [finished[("waiting", i)] for i in range(3)] == [("timeout", 0)] * 3
+    assert [finished[("running", i)][0] for i in range(3)] == ["length"] * 3
+    assert engine.block_manager.num_used_blocks == 0
