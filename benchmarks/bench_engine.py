@@ -29,8 +29,10 @@ a fixed seed and saved to a temporary directory that both sides load, so the wei
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import shutil
 import tempfile
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-static", action="store_true", help="skip static batching (for profiling)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the engine under cProfile and print where its time goes")
     parser.add_argument("--result-json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -258,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     run_hf_one_at_a_time(hf, Workload(warm.prompts[:2], warm.out_lens[:2]))
     run_hf_static(hf, warm, 4)
 
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
     engine_result, engine_ids = run_engine(engine, work, "bench")
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     engine_result.load_avg_1m = os.getloadavg()[0]
     print(f"engine done in {engine_result.wall_s:.1f} s ({engine.scheduler.num_preemptions} preemptions)")
     single_result, single_ids = run_hf_one_at_a_time(hf, head)
