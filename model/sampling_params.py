@@ -66,6 +66,8 @@ class SamplingParams:
              f"must be in [0, {MAX_LOGPROBS}]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
              f"must be in [0, {MAX_LOGPROBS}]"),
+            # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**64, "must be a 64-bit integer"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,7 +91,8 @@ class Tokenizer:
         )
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.sp.encode(text)
+        # A lone UTF-16 surrogate (JSON allows "\ud800") is not text: it becomes U+FFFD.
+        ids = self.sp.encode(_LONE_SURROGATE.sub("\ufffd", text))
         if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id >= 0:
             ids.insert(0, self.bos_token_id)
         if self.add_eos_token and self.eos_token_id >= 0:
@@ -209,6 +211,9 @@ class IncrementalDetokenizer:
             self._hide = 0 if n < len(text) else self._hide - n
             text = text[n:]
         return text
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _read_json(path: Path) -> dict:

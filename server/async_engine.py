@@ -147,6 +147,10 @@ class AsyncEngine:
                         self.engine.add_request(add.request_id, add.token_ids, add.params, **add.options)
                     except ValueError as exc:
                         outputs.append((add.request_id, exc))
+                    except Exception as exc:  # a bug this request hit fails it alone, not the loop
+                        logger.exception("adding request %s failed", add.request_id)
+                        self.engine.abort(add.request_id)
+                        outputs.append((add.request_id, exc))
                 for request_id in aborts:
                     outputs.extend(self.engine.abort(request_id))
                 if self.engine.has_unfinished_requests():

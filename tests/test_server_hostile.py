@@ -1,0 +1,53 @@
+"""Hostile input against a real server: every case gets a clear 4xx or a normal answer, never a
+5xx or a hang, and the server goes on serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.server_process import ServerProcess
+
+CASES = [
+    # (name, raw body, expected status)
+    ("deeply nested", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+    ("not UTF-8", b'{"prompt": "\xff\xfe abc"}', 400),
+    ("NaN", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("Infinity", b'{"prompt": "x", "top_p": Infinity}', 400),
+    ("huge max_tokens", json.dumps({"prompt": "x", "max_tokens": 10**30}).encode(), 400),
+    ("seed past 64 bits", json.dumps({"prompt": "x", "seed": 2**100}).encode(), 400),
+    ("huge n", json.dumps({"prompt": "x", "n": 10**9}).encode(), 400),
+    ("lone surrogate", b'{"prompt": "\\ud800 and \\udfff", "max_tokens": 3}', 200),
+    ("control characters", json.dumps({"prompt": "\x00\x01\x1b[31m\u202e\U0010ffff", "max_tokens": 5,
+                                       "stop": ["\x00", "\u2028", "\ud7ff"]}).encode(), 200),
+    ("5,000 stop strings", json.dumps({"prompt": "Once upon a time", "max_tokens": 32,
+                                       "stop": [f"zz{i}" for i in range(5000)]}).encode(), 200),
+    ("a 100,000-character stop string", json.dumps({"prompt": "Once", "max_tokens": 8,
+                                                    "stop": ["a" * 100_000]}).encode(), 200),
+    ("a string where a list is expected", b'{"messages": "hi"}', 400),
+    ("an empty body", b"", 400),
+    ("a JSON array", b"[1, 2, 3]", 400),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess() as proc:
+        yield proc
+
+
+@pytest.mark.parametrize("name, body, status", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(server, name, body, status):
+    path = "/v1/chat/completions" if b'"messages"' in body else "/v1/completions"
+    response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    if status >= 400:
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+    else:
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert httpx.get(server.url + "/health").status_code == 200
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
