@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "comma-separated)")
     p.add_argument("--api-key-file", default=None,
                    help="file with one API key per line (also env SINKSERVE_API_KEY_FILE)")
+    p.add_argument("--rate-limit", type=float, default=None,
+                   help="requests per minute per API key (per client address without keys); 429 past it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     state = build_state(args)
-    app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes)
+    app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes, args.rate_limit)
     # Our logging for uvicorn too; the access log is RequestIdMiddleware's (it has the request id).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5)

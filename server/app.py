@@ -14,7 +14,7 @@ from server.async_engine import EngineDeadError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
-from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving import ServerState
 
@@ -22,7 +22,7 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
 
 def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, rate_limit: float | None = None) -> FastAPI:
     created = int(time.time())
 
     @asynccontextmanager
@@ -91,8 +91,11 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
 
-    # Outermost last: the size limit runs before auth, CORS before both, and the request id
-    # before everything, so that every response (errors included) carries one.
+    # Outermost last: auth runs before the rate limit (a wrong key uses no one's quota), the size
+    # limit before auth, CORS before both, and the request id before everything, so that every
+    # response (errors included) carries one.
+    if rate_limit:
+        app.add_middleware(RateLimitMiddleware, per_minute=rate_limit)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)

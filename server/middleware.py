@@ -84,6 +84,46 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class RateLimitMiddleware:
+    """At most `per_minute` requests a minute on /v1/* and the tokenizer routes for each API key
+    (or, without keys, each client address): a token bucket that refills continuously; past it,
+    429 with Retry-After."""
+
+    def __init__(self, app, per_minute: float, clock=time.monotonic):
+        self.app = app
+        self.capacity = per_minute
+        self.rate = per_minute / 60.0  # tokens per second
+        self.clock = clock
+        self.buckets: dict[bytes, tuple[float, float]] = {}  # caller -> (tokens, last refill)
+
+    def _caller(self, scope) -> bytes:
+        value = dict(scope["headers"]).get(b"authorization")
+        if value:  # the key itself is only a dict key, never logged
+            return b"key:" + value.partition(b" ")[2].strip()
+        client = scope.get("client") or ("?", 0)
+        return b"addr:" + str(client[0]).encode()
+
+    def _take(self, caller: bytes) -> float:
+        """0 if the request may go, else the seconds until it could."""
+        now = self.clock()
+        tokens, last = self.buckets.get(caller, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self.buckets[caller] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[caller] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED_PREFIXES):
+            wait = self._take(self._caller(scope))
+            if wait:
+                await _send_error(send, 429, f"Rate limit of {self.capacity:g} requests per minute reached.",
+                                  "rate_limit_error", [(b"retry-after", str(max(1, int(wait + 0.999))).encode())])
+                return
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimitMiddleware:
     """Refuses bodies over max_bytes with 413, by Content-Length or while they stream in."""
 

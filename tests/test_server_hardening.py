@@ -146,3 +146,31 @@ def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
         assert '"error"' in stream.text and stream.text.rstrip().endswith("data: [DONE]")
     assert health.status_code == 503
     assert after.status_code == 503
+
+
+def test_rate_limit_per_key():
+    with ServerProcess("--api-key", "k1", "--api-key", "k2", "--rate-limit", "3") as server:
+        def post(key):
+            return httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 1},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+        assert [post("k1").status_code for _ in range(3)] == [200, 200, 200]
+        limited = post("k1")
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        assert post("k2").status_code == 200  # another key has its own quota
+        assert post("wrong").status_code == 401  # a wrong key is refused before any quota
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_rate_limit_bucket_refills_over_time():
+    from server.middleware import RateLimitMiddleware
+
+    now = [0.0]
+    limiter = RateLimitMiddleware(app=None, per_minute=2, clock=lambda: now[0])
+    assert limiter._take(b"a") == 0 and limiter._take(b"a") == 0
+    assert limiter._take(b"a") == pytest.approx(30.0)  # one token comes back every 30 s
+    now[0] = 29.0
+    assert limiter._take(b"a") == pytest.approx(1.0)
+    now[0] = 30.0
+    assert limiter._take(b"a") == 0 and limiter._take(b"b") == 0
