@@ -100,8 +100,10 @@ class AttentionMetadata:
             max_prefill_context_len=max(context_lens[num_decode:], default=0),
             sink_lens=sinks.to(device) if gaps is not None else None,
             sink_gaps=gaps.to(device) if gaps is not None else None,
+            # Only the CPU reference path gains from groups; elsewhere they would be copies per step.
             decode_groups=[(torch.tensor(rows, device=device), max_len)
-                           for rows, max_len in group_by_length(context_lens[:num_decode])],
+                           for rows, max_len in group_by_length(context_lens[:num_decode])]
+            if torch.device(device).type == "cpu" else None,
         )
 
 
