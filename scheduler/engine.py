@@ -2,6 +2,14 @@
 
 `Engine.step()` is what the server's engine thread calls in a loop; `Engine.generate()` is the
 offline API for scripts. This is the one place where the scheduler meets the model.
+
+Fault isolation: an exception while one request's output is processed fails that request
+alone (finish reason "error"). An exception in the batched part of a step (inputs, model,
+sampler) cannot name its request, so the step's requests are requeued (their caches dropped,
+to be recomputed) and run one at a time until each has sampled a token: the one whose step
+fails alone is failed, the others go back to batching. A request part of MAX_FAULTS failed
+steps is failed too, and MAX_CONSECUTIVE_FAILED_STEPS failures in a row mean the engine
+itself is broken: `step()` raises.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +40,10 @@ from scheduler.sink_policy import SinkPolicy
 
 
 logger = logging.getLogger(__name__)
+
+
+MAX_FAULTS = 3
+MAX_CONSECUTIVE_FAILED_STEPS = 8
 
 
 class PromptTooLongError(ValueError):
@@ -124,6 +137,8 @@ class Engine:
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
+        self._suspects: deque[Request] = deque()  # requests of a failed step, to run alone
+        self._consecutive_failed_steps = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -224,24 +239,73 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines(time.monotonic())
-        batch = self.scheduler.schedule()
+        batch = self._schedule()
         if not batch.requests:
             return expired
         for child in batch.forked:
             self._groups[child.group_id].append(child)
             self.output_processor.add(child)
-        model_input = self._model_input(batch)
-        output = self.runner.execute(model_input)
+        try:
+            model_input = self._model_input(batch)
+            output = self.runner.execute(model_input)
+        except Exception:
+            self._consecutive_failed_steps += 1
+            if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise  # no request's fault: the engine itself is broken
+            logger.exception("a step of %d requests failed: %s", len(batch.requests),
+                             ", ".join(dict.fromkeys(r.group_id for r in batch.requests)))
+            return expired + self._isolate(batch)
+        self._consecutive_failed_steps = 0
+        if self._suspects and any(r is self._suspects[0] for r, _ in batch.samplers):
+            self._suspects.popleft()  # it ran alone up to a sampled token: cleared
         self.scheduler.update(batch)
+        outputs = []
         for pl_req, pl in zip(model_input.prompt_logprobs, output.prompt_logprobs):
             request = batch.requests[pl_req.seq_index]
-            self.output_processor.add_prompt_logprobs(request, [
-                TokenLogprob(t, lp, rank, list(zip(ids, lps)))
-                for t, lp, rank, ids, lps in zip(pl.token_ids, pl.logprobs, pl.ranks, pl.top_token_ids,
-                                                 pl.top_logprobs)])
-        return expired + self._process_samples(batch, output.sampled)
+            try:
+                self.output_processor.add_prompt_logprobs(request, [
+                    TokenLogprob(t, lp, rank, list(zip(ids, lps)))
+                    for t, lp, rank, ids, lps in zip(pl.token_ids, pl.logprobs, pl.ranks, pl.top_token_ids,
+                                                     pl.top_logprobs)])
+            except Exception:
+                outputs += self._fail(request.group_id)
+        return expired + outputs + self._process_samples(batch, output.sampled)
+
+    def fail(self, request_id: str) -> list[RequestOutput]:
+        """End every completion of a request with finish reason "error" and free its blocks."""
+        return self.abort(request_id, FinishReason.ERROR)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _schedule(self) -> ScheduledBatch:
+        """The next step: the first suspect alone while there are any, else a normal batch."""
+        while self._suspects:
+            suspect = self._suspects[0]
+            batch = ScheduledBatch() if suspect.is_finished else self.scheduler.schedule_alone(suspect)
+            if batch.requests:
+                return batch
+            self._suspects.popleft()  # finished, or no room to run it alone: back to batching
+        return self.scheduler.schedule()
+
+    def _fail(self, group_id: str) -> list[RequestOutput]:
+        logger.exception("request %s failed", group_id)
+        return self.fail(group_id)
+
+    def _isolate(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """After a failed step: fail its request if it ran alone (or has failed too often),
+        requeue the others to run one at a time."""
+        requests = batch.requests + batch.forked
+        group_ids = list(dict.fromkeys(r.group_id for r in requests))
+        outputs = []
+        for request in requests:
+            request.num_faults += 1
+            if len(group_ids) == 1 or request.num_faults >= MAX_FAULTS:
+                outputs += self.fail(request.group_id)
+        survivors = [r for r in requests if not r.is_finished]
+        for request in reversed(survivors):
+            self.scheduler.requeue(request)
+        self._suspects.extend(survivors)
+        return outputs
 
     def _expire_deadlines(self, now: float) -> list[RequestOutput]:
         outputs = []
@@ -304,10 +368,14 @@ class Engine:
                 continue
             entry = None
             wanted = request.params.logprobs
-            if wanted is not None and logprobs is not None:
-                lp, rank, top_ids, top_lps = logprobs[row]
-                entry = TokenLogprob(token_id, lp, rank, list(zip(top_ids[:wanted], top_lps[:wanted])))
-            out = self.output_processor.process_token(request, token_id, entry)
+            try:
+                if wanted is not None and logprobs is not None:
+                    lp, rank, top_ids, top_lps = logprobs[row]
+                    entry = TokenLogprob(token_id, lp, rank, list(zip(top_ids[:wanted], top_lps[:wanted])))
+                out = self.output_processor.process_token(request, token_id, entry)
+            except Exception:  # this request's text or stop check failed: it alone ends
+                outputs += self._fail(request.group_id)
+                continue
             self.num_generation_tokens += len(out.new_token_ids)
             if out.finished:
                 self.scheduler.finish_request(request, request.finish_reason, request.stop_reason)

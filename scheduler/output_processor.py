@@ -153,7 +153,7 @@ class OutputProcessor:
         """The closing output of a request finished from outside (abort, or an error)."""
         state = self._states.get(request.request_id)
         text = ""
-        if state is not None and request.finish_reason is not FinishReason.ABORT:
+        if state is not None and request.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
             text = state.held + state.detokenizer.flush()
         return RequestOutput(
             request_id=request.group_id, index=request.index, new_token_ids=[], text=text,

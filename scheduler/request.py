@@ -21,6 +21,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens, or the context is full
     ABORT = "abort"  # the client went away or asked
     TIMEOUT = "timeout"  # the request's deadline passed
+    ERROR = "error"  # the server failed while computing it (the others go on)
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
+    num_faults: int = 0  # failed steps it was part of (engine.py, fault isolation)
     forked: bool = False  # its n - 1 sibling completions exist (n > 1 only)
     num_evicted_tokens: int = 0  # computed tokens dropped from the cache (sink policy)
     sink_gap: int = 0  # slots skipped after the sinks once their block's tail is evicted

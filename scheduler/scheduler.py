@@ -6,6 +6,9 @@ served. A prompt longer than the budget is prefilled over several steps. When th
 block for a running request, the newest running request is preempted: its blocks are freed and
 it goes back to the front of the waiting queue, to be recomputed (prompt and output so far)
 when there is room. The oldest request is preempted last, so it always progresses.
+
+After a failed step the engine requeues the step's requests the same way and runs each one
+alone (`schedule_alone`) to find the one that fails (engine.py, fault isolation).
 """
 
 from __future__ import annotations
@@ -185,15 +188,43 @@ class Scheduler:
                 return None
 
     def _preempt(self, request: Request) -> None:
+        self.requeue(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def requeue(self, request: Request) -> None:
+        """Drop a running request's cache and put it at the front of the waiting queue, to be
+        recomputed (prompt and output so far)."""
         self.running.remove(request)
         self.block_manager.free(request.request_id)
         if request.session_id is not None:
             self.sessions.release(request)
         request.reset_cache_state()
         request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def schedule_alone(self, request: Request) -> ScheduledBatch:
+        """A step of this one request and nothing else (waiting: admitted first). Empty when
+        the pool or the sequence cap has no room for it now."""
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        if request.status is RequestStatus.WAITING:
+            if self._num_seats() + request.params.n > self.config.max_num_seqs:
+                return batch
+            admitted = self._admit(request, budget)
+            if admitted is None:
+                return batch
+            num_new, copies = admitted
+            self.waiting.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+        else:
+            num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
+            copies = self.block_manager.allocate_slots(request.request_id, request.num_cache_slots, num_new)
+            if copies is None:
+                return batch
+        self._add(batch, request, num_new, copies)
+        return batch
 
     def _add(self, batch: ScheduledBatch, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
         row = len(batch.requests)

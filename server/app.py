@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.async_engine import EngineDeadError
+from server.async_engine import EngineDeadError, RequestFailedError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
@@ -41,6 +41,10 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     async def _engine_dead(_: Request, exc: EngineDeadError):
         return error_response(503, "The engine is not running; the server cannot serve requests.",
                               "service_unavailable", code="engine_dead")
+
+    @app.exception_handler(RequestFailedError)
+    async def _request_failed(_: Request, exc: RequestFailedError):
+        return error_response(500, str(exc), "internal_error", code="generation_failed")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

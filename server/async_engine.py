@@ -28,6 +28,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed while computing this request (the others go on); the cause is logged."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -94,6 +98,10 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if any(out.finish_reason == "error" for out in item):
+                    remaining = 0  # the engine has ended all n completions
+                    raise RequestFailedError("The server had an error while generating this request. "
+                                             "Other requests are not affected; it may be retried.")
                 remaining -= sum(out.finished for out in item)
                 yield item
         finally:

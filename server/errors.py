@@ -71,6 +71,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "The server had an error while processing the request.", "internal_error")
 
 
-def sse_error(message: str, type: str = "internal_error") -> str:
+def sse_error(message: str, type: str = "internal_error", code: str | None = None) -> str:
     """An error event inside an already started stream."""
-    return f"data: {json.dumps(error_body(message, type))}\n\n"
+    return f"data: {json.dumps(error_body(message, type, code=code))}\n\n"

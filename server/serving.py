@@ -17,7 +17,7 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import Tokenizer
 from scheduler.engine import PromptTooLongError
 from scheduler.output_processor import RequestOutput, TokenLogprob
-from server.async_engine import AsyncEngine, EngineDeadError
+from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from server.chat_template import ChatTemplate
 from server.errors import APIError, sse_error
 from server.metrics import Metrics
@@ -145,6 +145,7 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
     tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(job.prompts)]
     last_token_time: dict[tuple[int, int], float] = {}
     num_finished = 0
+    unfinished_reason = "abort"
     try:
         remaining = len(tasks)
         while remaining:
@@ -153,6 +154,8 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
                 remaining -= 1
                 continue
             if isinstance(item, Exception):
+                if isinstance(item, RequestFailedError):
+                    unfinished_reason = "error"
                 raise item
             now = time.monotonic()
             for out in item:
@@ -175,7 +178,7 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
         await asyncio.gather(*tasks, return_exceptions=True)
         # Completions cut short here (the client left, or an error) are aborted by the engine.
         for _ in range(len(job.prompts) * job.params.n - num_finished):
-            state.metrics.finished("abort")
+            state.metrics.finished(unfinished_reason)
 
 
 async def until_disconnected(request: Request, coro):
@@ -253,7 +256,13 @@ async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
         async for event in events:
             yield event
     except Exception as exc:  # headers are sent: the error has to travel inside the stream
-        logger.exception("stream failed")
-        message = str(exc) if isinstance(exc, (APIError, EngineDeadError)) else "internal error"
-        yield sse_error(message)
+        if isinstance(exc, APIError):
+            yield sse_error(exc.message, exc.type, exc.code)
+        elif isinstance(exc, EngineDeadError):
+            yield sse_error(str(exc), "service_unavailable", "engine_dead")
+        elif isinstance(exc, RequestFailedError):  # the engine has logged the cause
+            yield sse_error(str(exc), "internal_error", "generation_failed")
+        else:
+            logger.exception("stream failed")
+            yield sse_error("The server had an error while processing the request.")
         yield SSE_DONE

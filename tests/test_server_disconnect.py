@@ -103,3 +103,52 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero():
             httpx.get(f"{server.url}/health")
     finally:
         server.stop()
+
+
+def test_sigterm_drains_short_requests_refuses_new_ones_and_aborts_endless_ones():
+    """SIGTERM under load: admission stops at once, requests that can finish within
+    --shutdown-timeout do (complete answers), endless ones (a StreamingLLM window and a huge
+    max_tokens) are aborted at the timeout with finish_reason "abort" and [DONE], exit 0."""
+    server = ServerProcess("--shutdown-timeout", "6")
+    endless = {"prompt": "Once upon a time", "max_tokens": 10**6, "ignore_eos": True, "stream": True,
+               "attention_window": 64}
+    short = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True}
+    try:
+        async def stream(body) -> list[str]:
+            events = []
+            async with httpx.AsyncClient(timeout=60) as client:
+                async with client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+            return events
+
+        async def post(body) -> httpx.Response:
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await client.post(f"{server.url}/v1/completions", json=body)
+
+        async def run():
+            endless_tasks = [asyncio.create_task(stream(endless)) for _ in range(3)]
+            await asyncio.sleep(1.0)  # the endless streams are generating
+            short_tasks = [asyncio.create_task(stream({**short, "stream": True})), asyncio.create_task(post(short))]
+            await asyncio.sleep(0.05)
+            server.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            try:  # after the signal: no new request is taken
+                late = await post(short)
+            except httpx.TransportError as exc:
+                late = exc
+            return await asyncio.gather(*endless_tasks), await asyncio.gather(*short_tasks), late
+
+        endless_events, (short_events, short_response), late = asyncio.run(run())
+        for events in endless_events:
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        assert short_events[-1] == "[DONE]"
+        assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
+        assert short_response.status_code == 200
+        assert short_response.json()["usage"]["completion_tokens"] == 24
+        assert isinstance(late, httpx.TransportError) or late.status_code == 503
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()

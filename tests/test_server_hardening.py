@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from model.sampling_params import SamplingParams
 from tests.server_process import ServerProcess
 
 KEY = "sk-from-file"
@@ -105,15 +106,33 @@ def test_request_timeout_ends_running_and_waiting_requests(server):
     assert server.metric("sinkserve_kv_blocks_used") == 0
 
 
-def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
-    import asyncio
-
-    from scheduler.engine import Engine
+def _in_process_app(engine):
+    """The app around an engine whose faults a test injects, and its server state."""
     from server.app import build_app
     from server.async_engine import AsyncEngine
     from server.chat_template import ChatTemplate
     from server.metrics import Metrics
     from server.serving import ServerState
+
+    state = ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
+                        chat_template=ChatTemplate(engine.tokenizer), metrics=Metrics(engine, "stories260K"),
+                        model_name="stories260K", max_model_len=engine.max_model_len)
+    return build_app(state), state
+
+
+async def _with_client(app, state, scenario):
+    state.engine.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sinkserve") as client:
+            return await scenario(client)
+    finally:
+        state.engine.stop()
+
+
+def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
+    import asyncio
+
+    from scheduler.engine import Engine
 
     engine = Engine(device="cpu", num_kv_blocks=64)
 
@@ -121,24 +140,16 @@ def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
         raise RuntimeError("injected fault at /internal/path")
 
     engine.step = failing_step
-    state = ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
-                        chat_template=ChatTemplate(engine.tokenizer), metrics=Metrics(engine, "stories260K"),
-                        model_name="stories260K", max_model_len=engine.max_model_len)
-    app = build_app(state)
+    app, state = _in_process_app(engine)
 
-    async def scenario():
-        state.engine.start()
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sinkserve") as client:
-                body = {"prompt": "Once", "max_tokens": 4}
-                first, stream = await asyncio.gather(
-                    client.post("/v1/completions", json=body),
-                    client.post("/v1/completions", json={**body, "stream": True}))
-                return first, stream, await client.get("/health"), await client.post("/v1/completions", json=body)
-        finally:
-            state.engine.stop()
+    async def scenario(client):
+        body = {"prompt": "Once", "max_tokens": 4}
+        first, stream = await asyncio.gather(
+            client.post("/v1/completions", json=body),
+            client.post("/v1/completions", json={**body, "stream": True}))
+        return first, stream, await client.get("/health"), await client.post("/v1/completions", json=body)
 
-    first, stream, health, after = asyncio.run(asyncio.wait_for(scenario(), 60))
+    first, stream, health, after = asyncio.run(asyncio.wait_for(_with_client(app, state, scenario), 60))
     assert first.status_code == 503 and first.json()["error"]["code"] == "engine_dead"
     assert "injected" not in first.text and "/internal" not in first.text
     assert stream.status_code in (200, 503) and "injected" not in stream.text
@@ -146,6 +157,71 @@ def test_a_dead_engine_loop_fails_requests_fast_and_turns_health_to_503():
         assert '"error"' in stream.text and stream.text.rstrip().endswith("data: [DONE]")
     assert health.status_code == 503
     assert after.status_code == 503
+
+
+def test_a_request_that_makes_the_engine_raise_fails_alone():
+    """A poisoned prompt breaks the model's step (injected); the step's other requests are
+    retried and finish exactly as without the fault, the culprit gets a clear 500 (or an error
+    event in its stream), nothing leaks, and the server stays healthy."""
+    import asyncio
+
+    from scheduler.engine import Engine
+
+    poison = 509
+    engine = Engine(device="cpu", num_kv_blocks=128, max_num_batched_tokens=64)
+    execute = engine.runner.execute
+
+    def faulty(model_input):
+        if poison in model_input.token_ids:
+            raise RuntimeError("injected fault at /internal/path")
+        return execute(model_input)
+
+    engine.runner.execute = faulty
+    app, state = _in_process_app(engine)
+    clean = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    expected = engine.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                               use_tqdm=False)[0].text
+
+    async def scenario(client):
+        poisoned = {"prompt": [1, 400, poison, 37], "max_tokens": 8}
+
+        async def stream(body):
+            return await client.post("/v1/completions", json={**body, "stream": True})
+
+        responses = await asyncio.gather(
+            client.post("/v1/completions", json=clean), stream(clean),
+            client.post("/v1/completions", json=poisoned), stream(poisoned),
+            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 8}),
+            client.post("/v1/completions", json=clean))
+        metrics = (await client.get("/metrics")).text
+        return responses, await client.get("/health"), metrics
+
+    responses, health, metrics = asyncio.run(asyncio.wait_for(_with_client(app, state, scenario), 120))
+    plain, streamed, bad, bad_stream, chat, plain_again = responses
+    for response in (plain, plain_again):
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == expected
+    assert streamed.status_code == 200 and _stream_text(streamed.text) == expected
+    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["code"] == "generation_failed" and error["type"] == "internal_error"
+    assert "injected" not in bad.text and "/internal" not in bad.text
+    assert bad_stream.status_code == 200 and '"generation_failed"' in bad_stream.text
+    assert "injected" not in bad_stream.text
+    assert bad_stream.text.rstrip().endswith("data: [DONE]")
+    assert health.status_code == 200
+    assert engine.block_manager.num_used_blocks == 0
+    assert re.search(r'sinkserve_request_success_total\{finished_reason="error",model_name="stories260K"\} 2\.0',
+                     metrics), metrics
+
+
+def _stream_text(body: str) -> str:
+    text = ""
+    for line in body.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            text += "".join(choice["text"] for choice in json.loads(line[6:])["choices"])
+    return text
 
 
 def test_rate_limit_per_key():

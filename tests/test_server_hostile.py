@@ -51,3 +51,25 @@ def test_hostile_input(server, name, body, status):
     assert httpx.get(server.url + "/health").status_code == 200
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+UNICODE_EDGES = ["\x00", "\ufeff BOM", "👩\u200d💻 ZWJ", "\u202e bidi override", "line\u2028separator",
+                 "\uffff \U0010ffff", "e\u0301 combining", "العربية", "\U000e0041 tag", "\u2581 meta"]
+
+
+@pytest.mark.parametrize("text", UNICODE_EDGES)
+def test_unicode_edges_survive_tokenize_detokenize_and_stop_strings(server, text):
+    from model.loader import BUNDLED_MODEL_DIR
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60)
+    assert tokens.status_code == 200 and tokens.json()["tokens"] == tok.encode(text)
+    back = httpx.post(server.url + "/detokenize", json={"tokens": tokens.json()["tokens"]}, timeout=60)
+    assert back.status_code == 200 and back.json()["prompt"] == tok.decode(tok.encode(text))
+    # The edge text as a stop string of a streamed completion whose prompt ends with it.
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": text, "max_tokens": 8, "stream": True, "stop": [text]}) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and all('"error"' not in event for event in events)
