@@ -5,11 +5,13 @@ offline API for scripts. This is the one place where the scheduler meets the mod
 
 Fault isolation: an exception while one request's output is processed fails that request
 alone (finish reason "error"). An exception in the batched part of a step (inputs, model,
-sampler) cannot name its request, so the step's requests are requeued (their caches dropped,
-to be recomputed) and run one at a time until each has sampled a token: the one whose step
-fails alone is failed, the others go back to batching. A request part of MAX_FAULTS failed
-steps is failed too, and MAX_CONSECUTIVE_FAILED_STEPS failures in a row mean the engine
-itself is broken: `step()` raises.
+sampler) cannot name its request, so the step's requests run again one at a time (each alone
+until it samples a token, at most MAX_SOLO_STEPS steps): one that fails alone is failed, the
+others go back to batching. Their caches stay: the failed step committed nothing, and its
+slots are rewritten by the retry (a request whose step also copied a shared block, or whose
+n completions forked in it, is set back further, see `_isolate`). A failure alone is followed
+by a probe step on a scratch block: if that fails too, the engine itself is broken and
+`step()` raises. A request in MAX_FAULTS failed steps for which no culprit was found is failed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_FAULTS = 3
-MAX_CONSECUTIVE_FAILED_STEPS = 8
+MAX_SOLO_STEPS = 4
 
 
 class PromptTooLongError(ValueError):
@@ -125,7 +127,9 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager,
             session_ttl)
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        # One block past the pool: the scratch block of the probe step (fault isolation).
+        self.runner = ModelRunner(self.model, num_blocks + 1, block_size)
+        self._probe_block = num_blocks
         if self.device.type == "cuda" and self.attention_backend == "triton" and not enforce_eager:
             try:
                 self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
@@ -138,7 +142,10 @@ class Engine:
         self._generators: dict[str, torch.Generator] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
         self._suspects: deque[Request] = deque()  # requests of a failed step, to run alone
-        self._consecutive_failed_steps = 0
+        self._round: list[Request] = []  # the requests of the failed step being isolated
+        self._culprit_found = False  # in this round
+        self._solo_steps = 0  # of the first suspect
+        self._pending_failures: list[RequestOutput] = []  # failed between steps, to report
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -170,6 +177,8 @@ class Engine:
         """
         if session_id is not None and params.n != 1:
             raise ValueError("a session request must have n = 1")
+        if session_id is not None and params.prompt_logprobs is not None:
+            raise ValueError("a session request cannot ask for prompt logprobs")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -238,6 +247,16 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        if self._pending_failures:
+            outputs, self._pending_failures = self._pending_failures + outputs, []
+        if self._suspects:  # drop the ones that ended (failed with their group, aborted, ...)
+            self._suspects = deque(r for r in self._suspects if not r.is_finished)
+            if not self._suspects:
+                self._end_round()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines(time.monotonic())
         batch = self._schedule()
         if not batch.requests:
@@ -249,27 +268,27 @@ class Engine:
             model_input = self._model_input(batch)
             output = self.runner.execute(model_input)
         except Exception:
-            self._consecutive_failed_steps += 1
-            if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-                raise  # no request's fault: the engine itself is broken
             logger.exception("a step of %d requests failed: %s", len(batch.requests),
                              ", ".join(dict.fromkeys(r.group_id for r in batch.requests)))
             return expired + self._isolate(batch)
-        self._consecutive_failed_steps = 0
-        if self._suspects and any(r is self._suspects[0] for r, _ in batch.samplers):
-            self._suspects.popleft()  # it ran alone up to a sampled token: cleared
         self.scheduler.update(batch)
         outputs = []
         for pl_req, pl in zip(model_input.prompt_logprobs, output.prompt_logprobs):
             request = batch.requests[pl_req.seq_index]
+            position = request.num_computed_tokens - batch.num_new_tokens[pl_req.seq_index] + 1
             try:
-                self.output_processor.add_prompt_logprobs(request, [
+                self.output_processor.add_prompt_logprobs(request, position, [
                     TokenLogprob(t, lp, rank, list(zip(ids, lps)))
                     for t, lp, rank, ids, lps in zip(pl.token_ids, pl.logprobs, pl.ranks, pl.top_token_ids,
                                                      pl.top_logprobs)])
             except Exception:
                 outputs += self._fail(request.group_id)
-        return expired + outputs + self._process_samples(batch, output.sampled)
+        outputs = expired + outputs + self._process_samples(batch, output.sampled)
+        if self._suspects and batch.requests[0] is self._suspects[0]:
+            self._solo_steps += 1
+            if self._solo_steps >= MAX_SOLO_STEPS or any(r is self._suspects[0] for r, _ in batch.samplers):
+                self._clear_first_suspect()  # it ran alone (up to a sampled token): not the culprit
+        return outputs
 
     def fail(self, request_id: str) -> list[RequestOutput]:
         """End every completion of a request with finish reason "error" and free its blocks."""
@@ -284,7 +303,7 @@ class Engine:
             batch = ScheduledBatch() if suspect.is_finished else self.scheduler.schedule_alone(suspect)
             if batch.requests:
                 return batch
-            self._suspects.popleft()  # finished, or no room to run it alone: back to batching
+            self._clear_first_suspect()  # finished, or no room to run it alone: back to batching
         return self.scheduler.schedule()
 
     def _fail(self, group_id: str) -> list[RequestOutput]:
@@ -292,20 +311,55 @@ class Engine:
         return self.fail(group_id)
 
     def _isolate(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        """After a failed step: fail its request if it ran alone (or has failed too often),
-        requeue the others to run one at a time."""
-        requests = batch.requests + batch.forked
-        group_ids = list(dict.fromkeys(r.group_id for r in requests))
-        outputs = []
-        for request in requests:
-            request.num_faults += 1
-            if len(group_ids) == 1 or request.num_faults >= MAX_FAULTS:
-                outputs += self.fail(request.group_id)
-        survivors = [r for r in requests if not r.is_finished]
-        for request in reversed(survivors):
-            self.scheduler.requeue(request)
-        self._suspects.extend(survivors)
-        return outputs
+        """After a failed step: fail its request if it ran alone, else run its requests one at
+        a time. The failed step wrote K/V only into slots it had not committed, which the retry
+        rewrites; a request whose block copies (copy-on-write) may not have run is recomputed,
+        and completions forked in the step are dropped, to fork again."""
+        requests = batch.requests
+        if len({r.group_id for r in requests}) == 1:
+            self._culprit_found = True
+            self._check_engine()
+            return self.fail(requests[0].group_id)
+        for child in batch.forked:
+            self.scheduler.unfork(child)
+            self._groups[child.group_id].remove(child)
+            self._forget(child)
+        copied = {dst for _, dst in batch.blocks_to_copy}
+        for request in reversed(requests):
+            if copied & set(self.block_manager.block_table(request.request_id)):
+                self.scheduler.requeue(request)
+        self._suspects.extend(requests)
+        self._round, self._culprit_found, self._solo_steps = list(requests), False, 0
+        return []
+
+    def _clear_first_suspect(self) -> None:
+        self._suspects.popleft()
+        self._solo_steps = 0
+        if not self._suspects:
+            self._end_round()
+
+    def _end_round(self) -> None:
+        """Every suspect has run alone. If none failed, the fault needs a batch: count it, so
+        that such a fault cannot be retried forever."""
+        if not self._culprit_found:
+            for request in self._round:
+                if not request.is_finished:
+                    request.num_faults += 1
+                    if request.num_faults >= MAX_FAULTS:
+                        logger.error("request %s was in %d failed steps without a culprit", request.group_id,
+                                     request.num_faults)
+                        self._pending_failures += self.fail(request.group_id)
+        self._round = []
+
+    def _check_engine(self) -> None:
+        """Run one token on the scratch block; raise if even that fails (a broken engine, not
+        a bad request)."""
+        probe = ModelInput(
+            token_ids=[max(self.tokenizer.bos_token_id, 0)], query_lens=[1], context_lens=[1],
+            block_tables=[[self._probe_block]], sample_seq_indices=[0],
+            sampling_rows=[SamplingRow(SamplingParams(temperature=0.0))], banned_token_ids=[[]],
+            sink_lens=[0], sink_gaps=[0])
+        self.runner.execute(probe)
 
     def _expire_deadlines(self, now: float) -> list[RequestOutput]:
         outputs = []

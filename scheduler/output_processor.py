@@ -63,11 +63,16 @@ class OutputProcessor:
     def remove(self, request: Request) -> None:
         self._states.pop(request.request_id, None)
 
-    def add_prompt_logprobs(self, request: Request, entries: list[TokenLogprob]) -> None:
-        state = self._states[request.request_id]
-        if not state.prompt_logprobs:
-            state.prompt_logprobs.append(None)  # the first prompt token has no prediction
-        state.prompt_logprobs.extend(entries)
+    def add_prompt_logprobs(self, request: Request, position: int, entries: list[TokenLogprob]) -> None:
+        """Logprobs of prompt tokens `position`, `position + 1`, ...; a chunk computed again
+        (after a preemption) replaces what it had given."""
+        logprobs = self._states[request.request_id].prompt_logprobs
+        if not logprobs:
+            logprobs.append(None)  # the first prompt token has no prediction
+        del logprobs[position:]
+        if len(logprobs) != position:
+            raise RuntimeError(f"prompt logprobs from position {position} follow only {len(logprobs)}")
+        logprobs.extend(entries)
 
     def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         """Append a sampled token to the request, decide whether it finishes, and say what changed.

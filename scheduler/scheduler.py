@@ -77,10 +77,13 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         if self.block_manager.has_seq(request.request_id):
-            if request.session_id is not None:
-                self.sessions.keep(request)
-            else:
+            if request.session_id is None:
                 self.block_manager.free(request.request_id)
+            elif reason is FinishReason.ERROR:  # a cache from a failed computation is not kept
+                self.sessions.release(request)
+                self.block_manager.free(request.request_id)
+            else:
+                self.sessions.keep(request)
         if not request.is_finished:
             request.finish(reason, stop_reason)
 
@@ -125,8 +128,10 @@ class Scheduler:
         reused = self.sessions.adopt(request) if request.session_id is not None else None
         if reused is None:
             policy = request.sink_policy
-            request.num_computed_tokens = bm.start(request.request_id, request.token_ids,
-                                                   policy.capacity if policy else None)
+            max_hit = policy.capacity if policy else None
+            if request.params.prompt_logprobs is not None and request.num_output_tokens == 0:
+                max_hit = 0  # every prompt token is scored: none may come from the prefix cache
+            request.num_computed_tokens = bm.start(request.request_id, request.token_ids, max_hit)
         num_hit = request.num_computed_tokens
         num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
         while (copies := bm.allocate_slots(request.request_id, request.num_cache_slots, num_new)) is None:
@@ -189,7 +194,6 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.requeue(request)
-        request.num_preemptions += 1
         self.num_preemptions += 1
 
     def requeue(self, request: Request) -> None:
@@ -201,7 +205,17 @@ class Scheduler:
             self.sessions.release(request)
         request.reset_cache_state()
         request.status = RequestStatus.WAITING
+        request.num_preemptions += 1  # its own count; the scheduler's counts lack of memory only
         self.waiting.appendleft(request)
+
+    def unfork(self, child: Request) -> None:
+        """Undo a fork whose step failed: the child goes, and its parent forks again when its
+        prompt is computed."""
+        self.running.remove(child)
+        self.block_manager.free(child.request_id)
+        parent = next(r for r in self.running + list(self.waiting) if r.request_id == child.parent_id)
+        parent.forked = False
+        child.status = RequestStatus.FINISHED
 
     def schedule_alone(self, request: Request) -> ScheduledBatch:
         """A step of this one request and nothing else (waiting: admitted first). Empty when

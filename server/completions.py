@@ -53,6 +53,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     if options["session_id"] is not None and len(prompts) > 1:
         raise APIError(400, "session_id takes a single prompt", param="prompt")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    if prompt_logprobs is not None and options["session_id"] is not None:
+        raise APIError(400, "echo with logprobs cannot be combined with a session: the session's cached "
+                            "tokens are not scored again", param="echo")
     params = sampling_params(state, body, body.max_tokens, body.logprobs, prompt_logprobs)
     for ids in prompts:
         check_prompt(state, ids, params, options, "prompt")

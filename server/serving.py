@@ -144,8 +144,8 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
 
     tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(job.prompts)]
     last_token_time: dict[tuple[int, int], float] = {}
-    num_finished = 0
-    unfinished_reason = "abort"
+    num_finished = [0] * len(job.prompts)
+    failed_prompt = None  # the prompt whose request failed in the engine
     try:
         remaining = len(tasks)
         while remaining:
@@ -155,7 +155,7 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
                 continue
             if isinstance(item, Exception):
                 if isinstance(item, RequestFailedError):
-                    unfinished_reason = "error"
+                    failed_prompt = index
                 raise item
             now = time.monotonic()
             for out in item:
@@ -168,7 +168,7 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
                         state.metrics.inter_token_latency.observe(now - previous)
                     last_token_time[key] = now
                 if out.finished:
-                    num_finished += 1
+                    num_finished[index] += 1
                     state.metrics.e2e_latency.observe(now - arrival)
                     state.metrics.finished(out.finish_reason or "abort")
                 yield index, out
@@ -177,8 +177,9 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # Completions cut short here (the client left, or an error) are aborted by the engine.
-        for _ in range(len(job.prompts) * job.params.n - num_finished):
-            state.metrics.finished(unfinished_reason)
+        for index, finished in enumerate(num_finished):
+            for _ in range(job.params.n - finished):
+                state.metrics.finished("error" if index == failed_prompt else "abort")
 
 
 async def until_disconnected(request: Request, coro):

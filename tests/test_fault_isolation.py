@@ -157,28 +157,151 @@ def test_a_fault_in_one_requests_output_fails_it_without_touching_the_batch(clea
     _assert_idle(engine)
 
 
-def test_a_fault_that_only_batches_trigger_ends_every_request_in_bounded_steps(clean, monkeypatch):
-    """No request is to blame (each runs fine alone): after MAX_FAULTS failed steps each
+def test_a_fault_that_only_batches_trigger_ends_every_request_in_bounded_steps(monkeypatch):
+    """No request is to blame (each runs fine alone): after MAX_FAULTS such rounds each
     request is failed rather than retried forever."""
     engine = _engine()
     _poison_model(engine, monkeypatch, lambda model_input: len(model_input.query_lens) > 1)
     tokens, reasons = _run(engine, _prompts(4, seed=5, high=8), [_greedy()] * 4, max_steps=500)
     assert all(r == ["error"] for r in reasons.values())
     # Short prompts: every step batches all four. Each failed batch is followed by one token
-    # from every request run alone, until the MAX_FAULTS-th failure.
-    assert all(len(t[0]) == engine_module.MAX_FAULTS - 1 for t in tokens.values())
+    # from every request run alone; the MAX_FAULTS-th round without a culprit ends them.
+    assert all(len(t[0]) == engine_module.MAX_FAULTS for t in tokens.values())
     _assert_idle(engine)
 
 
 def test_an_engine_that_fails_every_step_raises(monkeypatch):
-    """Not one request's fault: after MAX_CONSECUTIVE_FAILED_STEPS the step raises (the server
-    turns unhealthy) instead of failing every request forever."""
+    """Not one request's fault: the request that fails alone is followed by a probe step on a
+    scratch block, which fails too, and the step raises (the server turns unhealthy)."""
     engine = _engine()
     _poison_model(engine, monkeypatch, lambda model_input: True)
     for i, prompt in enumerate(_prompts(12, seed=4, high=4)):  # one step holds all twelve
         engine.add_request(str(i), prompt, _greedy())
-    errors = 0
+    assert engine.step() == []  # the batch fails: its requests will run alone
     with pytest.raises(RuntimeError, match="injected"):
-        for _ in range(engine_module.MAX_CONSECUTIVE_FAILED_STEPS):
-            errors += sum(out.finish_reason == "error" for out in engine.step())
-    assert errors == engine_module.MAX_CONSECUTIVE_FAILED_STEPS - 2  # the ones that ran alone
+        engine.step()  # the first fails alone, and so does the probe
+
+
+def test_many_bad_requests_fail_alone_without_killing_the_engine(clean, monkeypatch):
+    """Twelve poisoned prompts in one batch with the clean ones: twelve failures in a row, each
+    alone, each followed by a passing probe; the engine lives and the others finish."""
+    prompts, expected = clean
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    bad = [[POISON, 7 + i] for i in range(12)]
+    tokens, reasons = _run(engine, bad + prompts[:3], [_greedy()] * 15)
+    assert all(reasons[str(i)] == ["error"] for i in range(12))
+    for i in range(3):
+        assert reasons[str(12 + i)] == ["length"] and tokens[str(12 + i)] == expected[str(i)]
+    _assert_idle(engine)
+
+
+def test_innocent_requests_survive_any_number_of_culprits(monkeypatch):
+    """Long-running requests share steps with one culprit after another: each time the culprit
+    is found, so they are never counted at fault."""
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    for i, prompt in enumerate(_prompts(4, seed=6, high=10)):
+        engine.add_request(f"long-{i}", prompt, params)
+    reasons = {}
+    for culprit in range(2 * engine_module.MAX_FAULTS):
+        engine.add_request(f"bad-{culprit}", [POISON, 5], _greedy())
+        for _ in range(6):
+            for out in engine.step():
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    assert all(reasons[f"bad-{i}"] == "error" for i in range(2 * engine_module.MAX_FAULTS))
+    assert all(reasons[f"long-{i}"] == "length" for i in range(4))
+    _assert_idle(engine)
+
+
+def test_a_long_windowed_request_is_not_recomputed_after_a_failed_step(monkeypatch):
+    """The failed step committed nothing, so the others keep their caches: a StreamingLLM
+    request far past its window goes on after one step alone, with no recompute."""
+    engine = Engine(device="cpu", block_size=4, num_kv_blocks=256, max_num_batched_tokens=48,
+                    attention_sinks=4, attention_window=28)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    engine.add_request("long", [1, 400, 37, 9], params)
+    while engine._groups["long"][0].num_output_tokens < 300:
+        engine.step()
+    sizes = _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    executed = []
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda mi: executed.append(sum(mi.query_lens)) or execute(mi))
+    engine.add_request("bad", [POISON, 5], _greedy())
+    reasons = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    assert reasons == {"bad": "error", "long": "length"}
+    assert engine._groups == {} and engine.block_manager.num_used_blocks == 0
+    # Tokens per step: the failed batch (long's decode + bad's prompt), long alone (one token,
+    # no recompute of its window), bad alone (fails), the probe, then long's decodes.
+    assert executed[:4] == [3, 1, 2, 1] and max(executed[4:]) == 1
+    assert sizes == [2, 1]
+
+
+def _prompt_logprobs(engine: Engine, request_id: str, prompt: list[int]) -> list:
+    engine.add_request(request_id, prompt, SamplingParams(max_tokens=1, prompt_logprobs=2, temperature=0.0))
+    found = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id and out.prompt_logprobs:
+                found = [(e.token_id, round(e.logprob, 5)) if e else None for e in out.prompt_logprobs]
+    return found
+
+
+def test_prompt_logprobs_are_whole_with_a_prefix_cache_hit_and_after_a_failed_step(clean, monkeypatch):
+    prompts, _ = clean
+    prompt = [1] + prompts[0] + prompts[1] + prompts[2]  # > 100 tokens: prefilled in chunks of 48
+    reference = _prompt_logprobs(_engine(), "alone", prompt)
+    assert len(reference) == len(prompt) and [e[0] for e in reference[1:]] == prompt[1:]
+    # The same prompt once more in the same engine: its blocks are in the prefix cache, but a
+    # scored prompt computes every token.
+    engine = _engine()
+    _prompt_logprobs(engine, "first", prompt)
+    assert _prompt_logprobs(engine, "again", prompt) == reference
+    # A step that fails in the middle of its prefill: the scored chunk is computed again once.
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    engine.add_request("bad", [POISON, 3], _greedy())
+    assert _prompt_logprobs(engine, "scored", prompt) == reference
+
+
+def test_completions_forked_in_a_failed_step_fork_again(clean, monkeypatch):
+    """A seeded n=3 request forks in the step that fails: its completions are those of a clean run."""
+    prompts, _ = clean
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, n=3, seed=7)
+    expected, _ = _run(_engine(), [prompts[3]], [params])
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    tokens, reasons = _run(engine, [prompts[3], [POISON, 4]], [params, _greedy()])
+    assert reasons == {"0": ["length"] * 3, "1": ["error"]}
+    assert tokens["0"] == expected["0"]
+    _assert_idle(engine)
+
+
+def test_a_failed_session_request_leaves_no_session_cache(clean, monkeypatch):
+    prompts, _ = clean
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: POISON in model_input.token_ids)
+    engine.add_request("clean", prompts[0], _greedy())
+    engine.add_request("bad", [POISON] + prompts[1], _greedy(), session_id="chat-1")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.num_sessions == 0 and engine.block_manager.num_used_blocks == 0
+    # The session goes on: its next requests keep and reuse a cache as usual.
+    _run(engine, [prompts[1]], [_greedy()])
+    for request_id, prompt in (("turn-2", prompts[1]), ("turn-3", prompts[1] + [5, 6])):
+        engine.add_request(request_id, prompt, _greedy(), session_id="chat-1")
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert engine.num_sessions == 1 and engine.scheduler.sessions.num_reused_tokens > 0
+    with pytest.raises(ValueError, match="prompt logprobs"):
+        engine.add_request("scored", prompts[0], SamplingParams(prompt_logprobs=1), session_id="chat-2")

@@ -76,20 +76,22 @@ def test_dropped_non_streaming_request_is_aborted(server):
     assert server.metric('sinkserve_num_requests_running') == 0
 
 
+async def _stream_events(url: str, body: dict) -> list[str]:
+    """The data of every SSE event of a streamed completion, [DONE] included."""
+    events = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    return events
+
+
 def test_sigterm_ends_streams_cleanly_and_exits_zero():
     server = ServerProcess("--shutdown-timeout", "1")
     try:
-        async def stream() -> list[str]:
-            events = []
-            async with httpx.AsyncClient(timeout=60) as client:
-                async with client.stream("POST", f"{server.url}/v1/completions", json=LONG) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(line[6:])
-            return events
-
         async def run():
-            tasks = [asyncio.create_task(stream()) for _ in range(4)]
+            tasks = [asyncio.create_task(_stream_events(server.url, LONG)) for _ in range(4)]
             await asyncio.sleep(1.0)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
@@ -114,14 +116,8 @@ def test_sigterm_drains_short_requests_refuses_new_ones_and_aborts_endless_ones(
                "attention_window": 64}
     short = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True}
     try:
-        async def stream(body) -> list[str]:
-            events = []
-            async with httpx.AsyncClient(timeout=60) as client:
-                async with client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(line[6:])
-            return events
+        def stream(body):
+            return _stream_events(server.url, body)
 
         async def post(body) -> httpx.Response:
             async with httpx.AsyncClient(timeout=60) as client:

@@ -45,6 +45,7 @@ def _assert_error(response: httpx.Response, status: int, param: str | None = Non
     (COMPLETIONS, {"prompt": [[1, 2], [999999]]}, "prompt", "token ids"),
     (COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop", "empty"),
     (COMPLETIONS, {"prompt": "x", "min_tokens": 10, "max_tokens": 5}, "min_tokens", "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1, "session_id": "s"}, "echo", "session"),
     (CHAT, {"messages": []}, "messages", ""),
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, None, ""),
     (CHAT, {"messages": "hello"}, "messages", ""),
