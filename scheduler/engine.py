@@ -10,8 +10,9 @@ until it samples a token, at most MAX_SOLO_STEPS steps): one that fails alone is
 others go back to batching. Their caches stay: the failed step committed nothing, and its
 slots are rewritten by the retry (a request whose step also copied a shared block, or whose
 n completions forked in it, is set back further, see `_isolate`). A failure alone is followed
-by a probe step on a scratch block: if that fails too, the engine itself is broken and
-`step()` raises. A request in MAX_FAULTS failed steps for which no culprit was found is failed.
+by probe steps on scratch blocks (a short prefill and a decode): if one fails too, the
+engine itself is broken and `step()` raises. A request in MAX_FAULTS rounds that found no
+culprit (the fault needs a batch) is failed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FAULTS = 3
 MAX_SOLO_STEPS = 4
+PROBE_TOKENS = 3  # a 2-token prefill, then a 1-token decode
 
 
 class PromptTooLongError(ValueError):
@@ -127,9 +129,10 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager,
             session_ttl)
-        # One block past the pool: the scratch block of the probe step (fault isolation).
-        self.runner = ModelRunner(self.model, num_blocks + 1, block_size)
-        self._probe_block = num_blocks
+        # Blocks past the pool: the scratch blocks of the probe steps (fault isolation).
+        probe_blocks = -(-PROBE_TOKENS // block_size)
+        self.runner = ModelRunner(self.model, num_blocks + probe_blocks, block_size)
+        self._probe_table = list(range(num_blocks, num_blocks + probe_blocks))
         if self.device.type == "cuda" and self.attention_backend == "triton" and not enforce_eager:
             try:
                 self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
@@ -144,7 +147,8 @@ class Engine:
         self._suspects: deque[Request] = deque()  # requests of a failed step, to run alone
         self._round: list[Request] = []  # the requests of the failed step being isolated
         self._culprit_found = False  # in this round
-        self._solo_steps = 0  # of the first suspect
+        self._solo_request: Request | None = None  # the suspect running alone,
+        self._solo_steps = 0  # and its steps so far
         self._pending_failures: list[RequestOutput] = []  # failed between steps, to report
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -244,16 +248,16 @@ class Engine:
         return self.scheduler.sessions.expire(time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self._pending_failures)
 
     def step(self) -> list[RequestOutput]:
         outputs = self._step()
-        if self._pending_failures:
-            outputs, self._pending_failures = self._pending_failures + outputs, []
         if self._suspects:  # drop the ones that ended (failed with their group, aborted, ...)
             self._suspects = deque(r for r in self._suspects if not r.is_finished)
             if not self._suspects:
                 self._end_round()
+        if self._pending_failures:  # after this step's own outputs: a failure is a request's last word
+            outputs, self._pending_failures = outputs + self._pending_failures, []
         return outputs
 
     def _step(self) -> list[RequestOutput]:
@@ -285,6 +289,8 @@ class Engine:
                 outputs += self._fail(request.group_id)
         outputs = expired + outputs + self._process_samples(batch, output.sampled)
         if self._suspects and batch.requests[0] is self._suspects[0]:
+            if self._solo_request is not self._suspects[0]:
+                self._solo_request, self._solo_steps = self._suspects[0], 0
             self._solo_steps += 1
             if self._solo_steps >= MAX_SOLO_STEPS or any(r is self._suspects[0] for r, _ in batch.samplers):
                 self._clear_first_suspect()  # it ran alone (up to a sampled token): not the culprit
@@ -329,12 +335,11 @@ class Engine:
             if copied & set(self.block_manager.block_table(request.request_id)):
                 self.scheduler.requeue(request)
         self._suspects.extend(requests)
-        self._round, self._culprit_found, self._solo_steps = list(requests), False, 0
+        self._round, self._culprit_found = list(requests), False
         return []
 
     def _clear_first_suspect(self) -> None:
         self._suspects.popleft()
-        self._solo_steps = 0
         if not self._suspects:
             self._end_round()
 
@@ -352,14 +357,16 @@ class Engine:
         self._round = []
 
     def _check_engine(self) -> None:
-        """Run one token on the scratch block; raise if even that fails (a broken engine, not
-        a bad request)."""
-        probe = ModelInput(
-            token_ids=[max(self.tokenizer.bos_token_id, 0)], query_lens=[1], context_lens=[1],
-            block_tables=[[self._probe_block]], sample_seq_indices=[0],
-            sampling_rows=[SamplingRow(SamplingParams(temperature=0.0))], banned_token_ids=[[]],
-            sink_lens=[0], sink_gaps=[0])
-        self.runner.execute(probe)
+        """Probe the engine on its scratch blocks: a 2-token prefill, then a 1-token decode (the
+        two paths of a step, CUDA graphs included). Raises if either fails: a broken engine,
+        not a bad request."""
+        bos = max(self.tokenizer.bos_token_id, 0)
+        greedy = [SamplingRow(SamplingParams(temperature=0.0))]
+        for token_ids, context_len in (([bos, bos], 2), ([bos], 3)):
+            self.runner.execute(ModelInput(
+                token_ids=token_ids, query_lens=[len(token_ids)], context_lens=[context_len],
+                block_tables=[self._probe_table], sample_seq_indices=[0], sampling_rows=greedy,
+                banned_token_ids=[[]], sink_lens=[0], sink_gaps=[0]))
 
     def _expire_deadlines(self, now: float) -> list[RequestOutput]:
         outputs = []

@@ -41,6 +41,7 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
         if not engine.has_unfinished_requests():
             break
         for out in engine.step():
+            assert reasons[out.request_id][out.index] is None, "an output after the completion finished"
             tokens[out.request_id][out.index].extend(out.new_token_ids)
             if out.finished:
                 assert reasons[out.request_id][out.index] is None, "a completion finished twice"
@@ -182,6 +183,41 @@ def test_an_engine_that_fails_every_step_raises(monkeypatch):
         engine.step()  # the first fails alone, and so does the probe
 
 
+def test_an_engine_whose_prefill_is_broken_raises(monkeypatch):
+    """Decode steps work, every prefill fails: the probe's prefill fails too, and the step
+    raises rather than failing every new request forever."""
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: max(model_input.query_lens) > 1)
+    for i, prompt in enumerate(_prompts(3, seed=8, low=4, high=6)):
+        engine.add_request(str(i), prompt, _greedy())
+    with pytest.raises(RuntimeError, match="injected"):
+        for _ in range(3):
+            engine.step()
+
+
+def test_a_request_failed_at_the_end_of_a_round_is_reported_even_if_it_was_the_last(monkeypatch):
+    """A batch-only fault, its third round: B goes away while A runs alone, so A is the last
+    suspect; the round ends with A failed, and that failure still reaches the caller."""
+    engine = _engine()
+    _poison_model(engine, monkeypatch, lambda model_input: len(model_input.query_lens) > 1)
+    engine.add_request("A", [1, 30, 31], _greedy())
+    engine.add_request("B", [1, 40, 41], _greedy())
+    finished = {}
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        a = engine._groups.get("A", [None])[0]
+        if "B" in engine._groups and a is not None and a.num_faults == engine_module.MAX_FAULTS - 1 \
+                and engine._suspects and engine._suspects[0] is a:
+            engine.abort("B")
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished.get("A") == "error"
+    assert not engine.has_unfinished_requests()
+    _assert_idle(engine)
+
+
 def test_many_bad_requests_fail_alone_without_killing_the_engine(clean, monkeypatch):
     """Twelve poisoned prompts in one batch with the clean ones: twelve failures in a row, each
     alone, each followed by a passing probe; the engine lives and the others finish."""
@@ -242,8 +278,9 @@ def test_a_long_windowed_request_is_not_recomputed_after_a_failed_step(monkeypat
     assert reasons == {"bad": "error", "long": "length"}
     assert engine._groups == {} and engine.block_manager.num_used_blocks == 0
     # Tokens per step: the failed batch (long's decode + bad's prompt), long alone (one token,
-    # no recompute of its window), bad alone (fails), the probe, then long's decodes.
-    assert executed[:4] == [3, 1, 2, 1] and max(executed[4:]) == 1
+    # no recompute of its window), bad alone (fails),
+    # the probe (a 2-token prefill and a 1-token decode), then long's decodes.
+    assert executed[:5] == [3, 1, 2, 2, 1] and max(executed[5:]) == 1
     assert sizes == [2, 1]
 
 
