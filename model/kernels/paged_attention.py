@@ -147,6 +147,32 @@ def _rotated_key_tile(k_cache_ptr, key_off, valid, inv_freq, j, offs_half, HALF:
     return r1, r2
 
 
+@triton.jit
+def _attend_key_tile(
+    q1, q2, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head, inv_freq,
+    offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HAS_SINKS: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One step of online softmax over the key tile j [N] (valid [N]) of one sequence and KV
+    head: the rows' running max m_i [R], sum-exp l_i [R] and output acc [R, D], updated.
+    `allowed` [R, N] (or [1, N]) says which keys each row may see."""
+    block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_SINKS)
+    k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
+    v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
+    r1, r2 = _rotated_key_tile(k_cache_ptr, k_off, valid, inv_freq, j, offs_half, HALF)  # [HALF, N]
+    s = _scores(q1, q2, r1.to(q1.dtype), r2.to(q1.dtype), USE_DOT, IEEE, UPCAST) * scale  # [R, N]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]; finite: the callers' tiles see a key
+    alpha = tl.exp(m_i - m_new)  # [R]
+    p = tl.exp(s - m_new[:, None])  # [R, N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)  # [R, D]
+    return m_new, l_i, acc
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
@@ -224,20 +250,12 @@ def _decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)  # [R, D]
     for n0 in range(start, end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
-        valid = j < end
-        block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_SINKS)
-        k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
-        v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
-        r1, r2 = _rotated_key_tile(k_cache_ptr, k_off, valid, inv_freq, j, offs_half, HALF)  # [HALF, N]
-        s = _scores(q1, q2, r1.to(q1.dtype), r2.to(q1.dtype), USE_DOT, IEEE, UPCAST) * scale  # [R, N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]; finite: every tile has a valid key
-        alpha = tl.exp(m_i - m_new)  # [R]
-        p = tl.exp(s - m_new[:, None])  # [R, N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)  # [R, D]
-        m_i = m_new
+        valid = j < end  # every tile has a valid key
+        m_i, l_i, acc = _attend_key_tile(
+            q1, q2, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head, inv_freq,
+            offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+            BLOCK_SIZE, HALF, HAS_SINKS, USE_DOT, IEEE, UPCAST)
 
     if SINGLE:
         out = acc / l_i[:, None]  # [R, D]
@@ -342,20 +360,12 @@ def _prefill_kernel(
     for n0 in range(0, key_end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
         valid = j < key_end
-        block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_SINKS)
-        k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
-        v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
-        r1, r2 = _rotated_key_tile(k_cache_ptr, k_off, valid, inv_freq, j, offs_half, HALF)  # [HALF, N]
-        s = _scores(q1, q2, r1.to(q1.dtype), r2.to(q1.dtype), USE_DOT, IEEE, UPCAST) * scale  # [R, N]
-        allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]; finite: key 0 is in the first tile
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])  # [R, N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)  # [R, D]
-        m_i = m_new
+        allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position; key 0 in tile 0
+        m_i, l_i, acc = _attend_key_tile(
+            q1, q2, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head, inv_freq,
+            offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+            BLOCK_SIZE, HALF, HAS_SINKS, USE_DOT, IEEE, UPCAST)
 
     out = acc / l_i[:, None]  # [R, D]
     out_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
