@@ -16,7 +16,7 @@ from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving import ServerState
+from server.serving import ServerState, engine_api_error
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
@@ -38,13 +38,10 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     install_error_handlers(app)
 
     @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, exc: EngineDeadError):
-        return error_response(503, "The engine is not running; the server cannot serve requests.",
-                              "service_unavailable", code="engine_dead")
-
     @app.exception_handler(RequestFailedError)
-    async def _request_failed(_: Request, exc: RequestFailedError):
-        return error_response(500, str(exc), "internal_error", code="generation_failed")
+    async def _engine_error(_: Request, exc: Exception):
+        error = engine_api_error(exc)
+        return error_response(error.status, error.message, error.type, code=error.code)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

@@ -251,19 +251,27 @@ def sse(payload: dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def engine_api_error(exc: Exception) -> APIError | None:
+    """The client's view of an engine error (None: an unexpected one, shown as a bare 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "The engine is not running; the server cannot serve requests.",
+                        "service_unavailable", code="engine_dead")
+    if isinstance(exc, RequestFailedError):  # the engine has logged the cause
+        return APIError(500, str(exc), "internal_error", code="generation_failed")
+    return None
+
+
 async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """A stream that ends with an error event and [DONE] instead of a cut connection."""
     try:
         async for event in events:
             yield event
     except Exception as exc:  # headers are sent: the error has to travel inside the stream
-        if isinstance(exc, APIError):
-            yield sse_error(exc.message, exc.type, exc.code)
-        elif isinstance(exc, EngineDeadError):
-            yield sse_error(str(exc), "service_unavailable", "engine_dead")
-        elif isinstance(exc, RequestFailedError):  # the engine has logged the cause
-            yield sse_error(str(exc), "internal_error", "generation_failed")
-        else:
+        error = engine_api_error(exc)
+        if error is None:
             logger.exception("stream failed")
-            yield sse_error("The server had an error while processing the request.")
+            error = APIError(500, "The server had an error while processing the request.", "internal_error")
+        yield sse_error(error.message, error.type, error.code)
         yield SSE_DONE
