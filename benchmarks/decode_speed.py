@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_engine import widen_tokenizer
-from model.loader import BUNDLED_MODEL_DIR
+from model.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model_dir, args.device, args.dtype, load_format="dummy", max_model_len=max_len,
                         max_num_seqs=8, num_kv_blocks=max_len // 16 + 64, enable_prefix_caching=False,
                         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed)
-        widen_tokenizer(engine.tokenizer, shape["vocab_size"])  # random weights sample any of 32000 ids
         element = torch.empty((), dtype=engine.dtype).element_size()
         weight_bytes = sum(p.numel() for p in engine.model.parameters()) * element
         head_dim = shape["hidden_size"] // shape["num_attention_heads"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# What a config.json without `architectures` is taken to be.
+ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -90,7 +92,12 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict, eos_token_ids: int | list[int] | None = None) -> "ModelConfig":
         archs = hf.get("architectures") or []
         if not archs:
-            raise ConfigError("config.json has no 'architectures' field")
+            if hf.get("model_type") not in ARCHITECTURE_BY_MODEL_TYPE:
+                raise ConfigError(
+                    f"config.json has no 'architectures' field and its model_type={hf.get('model_type')!r} "
+                    f"is not one of {', '.join(ARCHITECTURE_BY_MODEL_TYPE)}"
+                )
+            archs = [ARCHITECTURE_BY_MODEL_TYPE[hf["model_type"]]]
         if archs[0] not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"architectures={archs[0]!r} is not supported "

@@ -7,23 +7,25 @@ import argparse
 import torch
 
 from model.attention import AttentionMetadata
-from model.loader import BUNDLED_MODEL_DIR, load_model
+from model.loader import load_model
+from model.model_path import resolve_model_path
 from model.tokenizer import Tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("prompt", nargs="?", default="Once upon a time")
-    parser.add_argument("--model", default=None, help="Hugging Face model directory (default: bundled stories260K)")
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face directory, .gguf file or installed model name (default: bundled stories260K)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model_dir = args.model or BUNDLED_MODEL_DIR
-    model = load_model(model_dir)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model_path = resolve_model_path(args.model)
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    model = load_model(model_path)
     prompt = tokenizer.encode(args.prompt)
     block_size = 16
     total = len(prompt) + args.max_tokens

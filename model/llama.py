@@ -92,7 +92,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Uninitialised (the loader fills it): a random init on the meta device would import
+        # torch._dynamo, 2 s of every model load.
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         # One rotary module shared by every layer; a buffer, not a parameter.
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
         rotary = self.rotary

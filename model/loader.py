@@ -1,9 +1,13 @@
-"""Build a LlamaForCausalLM and fill it from a Hugging Face checkpoint (or random weights)."""
+"""Build a LlamaForCausalLM and fill it from a checkpoint (or random weights).
+
+A model is a Hugging Face directory (config.json and safetensors) or a GGUF file: a path
+ending in `.gguf`, or a directory holding exactly one `.gguf` file and no config.json.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,9 +15,9 @@ from safetensors import safe_open
 
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM
+from model.model_path import BUNDLED_MODEL_DIR, checkpoint_path
 from model.rotary import rope_inv_freq
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "stories260K"
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -22,21 +26,22 @@ class CheckpointError(ValueError):
 
 
 def load_model(
-    model_dir: str | Path | None = None,
+    model_path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     load_format: str = "auto",
     seed: int = 0,
 ) -> LlamaForCausalLM:
-    """The model in `model_dir` (the bundled stories260K when None), in eval mode.
+    """The model at `model_path` (a HF directory or a .gguf file, see model_path.py; None: the
+    bundled stories260K), in eval mode.
 
     `load_format="dummy"` skips the weight files and fills the model with random weights of
     the right shapes, for benchmarking large shapes without a checkpoint.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not one of {LOAD_FORMATS}")
-    model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
-    config = ModelConfig.from_pretrained(model_dir)
+    model_path = checkpoint_path(model_path)
+    config = model_config(model_path)
     # Built on the meta device so large models are not initialised twice.
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -46,9 +51,21 @@ def load_model(
     with torch.no_grad():
         if load_format == "dummy":
             _fill_dummy(model, seed)
+        elif model_path.suffix.lower() == ".gguf":
+            _load_gguf(model, model_path)
         else:
-            _load_checkpoint(model, model_dir)
+            _load_checkpoint(model, model_path)
     return model.eval().requires_grad_(False)
+
+
+def model_config(model_path: str | Path | None = None) -> ModelConfig:
+    """The config of the model at `model_path` (as load_model takes it), without reading weights."""
+    model_path = checkpoint_path(model_path)
+    if model_path.suffix.lower() != ".gguf":
+        return ModelConfig.from_pretrained(model_path)
+    from model.gguf_checkpoint import gguf_model_config, open_gguf  # gguf is needed for GGUF files only
+
+    return gguf_model_config(open_gguf(model_path))
 
 
 def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
@@ -104,17 +121,45 @@ def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
                 continue  # derived from the config, saved by old checkpoints
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # tied to the embedding
-            if name not in params:
-                raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for {model.config.architecture}")
-            param = params[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(param.shape)} from config.json"
-                )
+            param = _checked_target(params, model.config, path.name, name, tensor, "config.json")
             param.copy_(tensor.to(param.dtype))
             loaded.add(name)
+    _check_complete(params, loaded, f"checkpoint in {model_dir}")
+
+
+def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
+    from model.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf
+
+    params = dict(model.named_parameters())
+    # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).
+    targets = {**params, INV_FREQ: model.model.rotary.inv_freq}
+    loaded: set[str] = set()
+    for name, tensor in gguf_tensors(open_gguf(gguf_file), model.config):
+        target = _checked_target(targets, model.config, gguf_file.name, name, tensor, "the GGUF metadata")
+        if name in params and tensor.dtype == target.dtype and tensor.device == target.device:
+            target.data = tensor  # freshly dequantized: adopting it spares a copy into untouched memory
+        else:
+            target.copy_(tensor)
+        loaded.add(name)
+    _check_complete(params, loaded, gguf_file.name)
+
+
+def _checked_target(targets: dict[str, torch.Tensor], config: ModelConfig, file_name: str, name: str,
+                    tensor: torch.Tensor, config_source: str) -> torch.Tensor:
+    """The model tensor that checkpoint tensor `name` fills, once its name and shape are checked."""
+    if name not in targets:
+        raise CheckpointError(f"{file_name}: unexpected tensor {name!r} for {config.architecture}")
+    target = targets[name]
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+            f"expected {tuple(target.shape)} from {config_source}"
+        )
+    return target
+
+
+def _check_complete(params: Iterable[str], loaded: set[str], checkpoint: str) -> None:
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"checkpoint in {model_dir} is missing tensors: {shown}")
+        raise CheckpointError(f"{checkpoint} is missing tensors: {shown}")

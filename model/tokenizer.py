@@ -1,222 +1,146 @@
-"""SentencePiece tokenizer for LLaMA-family checkpoints, plus streaming detokenization."""
+"""What the server needs of a tokenizer, and which one a checkpoint gets.
+
+Two implementations: `SentencePieceTokenizer` (a `tokenizer.model`) and `HFTokenizer` (a
+Hugging Face `tokenizer.json` through the `tokenizers` library, or a GGUF file's vocabulary).
+A checkpoint with a `tokenizer.json` gets the second, one with only `tokenizer.model` the first.
+"""
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
-
-import sentencepiece as spm
-
-_SPACE = "\u2581"  # SentencePiece's "▁" word-boundary marker
-_REPLACEMENT = "\ufffd"
-
-
-class Tokenizer:
-    """A SentencePiece model plus the special-token settings of a Hugging Face checkpoint.
-
-    `decode` is SentencePiece's own decode. `IncrementalDetokenizer` reproduces it token by
-    token from the per-token bytes table (`token_bytes`)."""
-
-    def __init__(self, sp: spm.SentencePieceProcessor, bos_token_id: int, eos_token_id: int,
-                 add_bos_token: bool = True, add_eos_token: bool = False,
-                 chat_template: str | None = None):
-        self.sp = sp
-        self.vocab_size = sp.vocab_size()
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        self.chat_template = chat_template
-
-        n = self.vocab_size
-        self._is_byte = [sp.is_byte(i) for i in range(n)]
-        self._is_control = [sp.is_control(i) for i in range(n)]
-        self._bytes = [self._piece_bytes(i) for i in range(n)]
-        # Pieces that lose their leading "▁" when they open the text (the dummy prefix).
-        self._leading_space = [
-            not (self._is_byte[i] or self._is_control[i] or sp.is_unknown(i))
-            and sp.id_to_piece(i).startswith(_SPACE)
-            for i in range(n)
-        ]
-        # The wheel ships no protobuf runtime to read the normalizer spec, so ask decode how
-        # it treats a leading "▁": stripped at all (add_dummy_prefix or
-        # remove_extra_whitespaces), and, for a lone "▁" piece, stripped again from the next
-        # piece while the text is still empty (remove_extra_whitespaces only).
-        first = next((i for i in range(n) if self._leading_space[i]), None)
-        self._strips_prefix = (first is not None
-                               and sp.decode([first]) == self._bytes[first][1:].decode())
-        lone = sp.piece_to_id(_SPACE)
-        self._strips_repeatedly = self._leading_space[lone] and sp.decode([lone, lone]) == ""
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
-        model_dir = Path(model_dir)
-        model_file = model_dir / "tokenizer.model"
-        if not model_file.is_file():
-            raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
-        sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-        cfg = _read_json(model_dir / "config.json")
-
-        def special_id(name: str, fallback: int) -> int:
-            token = tok_cfg.get(f"{name}_token")
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str):
-                i = sp.piece_to_id(token)
-                # piece_to_id answers unk for pieces it does not know; only trust a real hit.
-                if sp.id_to_piece(i) == token:
-                    return i
-            cfg_id = cfg.get(f"{name}_token_id")
-            if isinstance(cfg_id, list):  # several stop ids: the first is the canonical one
-                cfg_id = cfg_id[0] if cfg_id else None
-            return cfg_id if isinstance(cfg_id, int) else fallback
-
-        chat_template = tok_cfg.get("chat_template")
-        if isinstance(chat_template, list):  # named templates: serve the default one
-            chat_template = next((t.get("template") for t in chat_template
-                                  if t.get("name") == "default"), None)
-        if chat_template is None and (model_dir / "chat_template.jinja").is_file():
-            chat_template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(
-            sp,
-            bos_token_id=special_id("bos", sp.bos_id()),
-            eos_token_id=special_id("eos", sp.eos_id()),
-            add_bos_token=bool(tok_cfg.get("add_bos_token", True)),
-            add_eos_token=bool(tok_cfg.get("add_eos_token", False)),
-            chat_template=chat_template if isinstance(chat_template, str) else None,
-        )
-
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        # A lone UTF-16 surrogate (JSON allows "\ud800") is not text: it becomes U+FFFD.
-        ids = self.sp.encode(_LONE_SURROGATE.sub("\ufffd", text))
-        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id >= 0:
-            ids.insert(0, self.bos_token_id)
-        if self.add_eos_token and self.eos_token_id >= 0:
-            ids.append(self.eos_token_id)
-        return ids
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens:
-            return self.sp.decode([int(i) for i in ids])
-        # Control tokens rendered as their pieces ("<s> Once", as Hugging Face shows it).
-        detok = IncrementalDetokenizer(self, [], skip_special_tokens=False)
-        return detok.push(ids) + detok.flush()
-
-    def id_to_piece(self, id: int) -> str:
-        return self.sp.id_to_piece(int(id))
-
-    def token_bytes(self, id: int) -> bytes:
-        # What the token adds to the text, before any dummy-prefix space is stripped.
-        return self._bytes[int(id)]
-
-    def _piece_bytes(self, i: int) -> bytes:
-        if self._is_control[i]:
-            return b""
-        if self._is_byte[i]:
-            return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])  # "<0xNN>"
-        if self.sp.is_unknown(i):
-            return self.sp.decode([i]).encode()  # the model's unk surface, e.g. " ⁇ "
-        return self.sp.id_to_piece(i).replace(_SPACE, " ").encode()
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of generated token ids into text deltas, in O(1) amortised per token
-    (plus one pass over the prompt at construction).
-
-    All deltas plus `flush()` equal `decode(prompt + output)[len(decode(prompt)):]` whenever
-    `decode(prompt)` is a prefix of that, and `decode(output)` for an empty prompt. Bytes of an
-    unfinished UTF-8 character are held back, so no delta ever splits a character."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Iterable[int] = (),
-                 *, skip_special_tokens: bool = True):
-        self._tok = tokenizer
-        self._skip_special = skip_special_tokens
-        self._pending = b""       # bytes of an unfinished character (a run of byte pieces)
-        self._text_seen = False   # has the decoded text (prompt included) become non-empty?
-        self._at_start = tokenizer._strips_prefix  # SentencePiece's is_bos_ws
-        self._ws_consumed = False
-        self._hide = 0
-        # Replay the prompt so the dummy-prefix state and any half-finished character carry
-        # over into the output; its text is the caller's already.
-        self.push(prompt_ids)
-        # decode(prompt) shows each held byte as its own U+FFFD. If the output ends the
-        # character badly, those U+FFFDs come out again first: drop them, as the caller has
-        # seen them. If the output completes the character, decode(prompt) is no prefix and
-        # the character is emitted whole.
-        self._hide = len(self._pending)
-
-    def flush(self) -> str:
-        return self._emit(self._drain(final=True))
-
-    def push(self, token_ids: Iterable[int]) -> str:
-        tok = self._tok
-        out = []
-        for i in token_ids:
-            i = int(i)
-            if not 0 <= i < tok.vocab_size:
-                raise ValueError(f"token id {i} out of range for vocab size {tok.vocab_size}")
-            if tok._is_byte[i]:
-                self._pending += tok._bytes[i]
-                out.append(self._emit(self._drain(final=False)))
-                continue
-            # SentencePiece decodes each run of byte pieces on its own: any other token ends it.
-            out.append(self._emit(self._drain(final=True)))
-            # Mirrors SentencePiece's Decode(): the dummy-prefix "▁" is stripped only while
-            # the text is still empty (and, without remove_extra_whitespaces, only once).
-            if self._ws_consumed or self._text_seen:
-                self._at_start = False
-            data = tok._bytes[i]
-            self._ws_consumed = False
-            if tok._is_control[i] and not self._skip_special:
-                data = tok.sp.id_to_piece(i).encode()
-            elif self._at_start and tok._leading_space[i]:
-                data = data[1:]
-                self._ws_consumed = not tok._strips_repeatedly
-            out.append(self._emit(data.decode()))
-        return "".join(out)
-
-    def _drain(self, final: bool) -> str:
-        # SentencePiece, unlike Python's errors="replace" (one U+FFFD per maximal invalid
-        # subsequence), turns every byte that does not start a valid character into its own
-        # U+FFFD and rescans from the next byte: b"\xe4\xbd" + "A" is "\ufffd\ufffdA", not
-        # "\ufffdA". The strict decoder only tells us where the bad byte is; we replace that
-        # byte alone so that streaming agrees with decode() byte for byte.
-        out = []
-        buf = self._pending
-        while buf:
-            try:
-                text, used = codecs.utf_8_decode(buf, "strict", final)
-            except UnicodeDecodeError as err:
-                out.append(buf[:err.start].decode() + _REPLACEMENT)
-                buf = buf[err.start + 1:]
-                continue
-            out.append(text)
-            buf = buf[used:]
-            break
-        self._pending = buf
-        return "".join(out)
-
-    def _emit(self, text: str) -> str:
-        if not text:
-            return text
-        self._text_seen = True
-        if self._hide:
-            n = 0
-            while n < min(self._hide, len(text)) and text[n] == _REPLACEMENT:
-                n += 1
-            self._hide = 0 if n < len(text) else self._hide - n
-            text = text[n:]
-        return text
+from typing import Protocol
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _read_json(path: Path) -> dict:
+def replace_lone_surrogates(text: str) -> str:
+    """A lone UTF-16 surrogate (JSON allows "\\ud800") is not text: it becomes U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def drop_seen_replacements(text: str, count: int) -> tuple[str, int]:
+    """`text` without up to `count` leading U+FFFDs, and how many are still to drop (none once
+    other text came). For a detokenizer whose prompt ended inside a character: decode(prompt)
+    showed its bytes as U+FFFDs, which the caller has seen already."""
+    n = 0
+    while n < min(count, len(text)) and text[n] == "\ufffd":
+        n += 1
+    return text[n:], 0 if n < len(text) else count - n
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that is missing or does not fit the model; the message says which file."""
+
+
+class Detokenizer(Protocol):
+    """Turns generated ids into text deltas for streaming.
+
+    All deltas plus `flush()` equal `decode(prompt + output)[len(decode(prompt)):]` whenever
+    `decode(prompt)` is a prefix of that, and `decode(output)` for an empty prompt; no delta
+    ends inside a character."""
+
+    def push(self, token_ids: Iterable[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, the special tokens, and the chat template of a checkpoint.
+
+    `bos_token_id` and `eos_token_id` are None when the tokenizer has no such token."""
+
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    add_bos_token: bool
+    add_eos_token: bool
+    chat_template: str | None
+
+    @staticmethod
+    def from_pretrained(path: str | Path) -> Tokenizer:
+        """The tokenizer of a Hugging Face directory or a GGUF file."""
+        from model.hf_tokenizer import HFTokenizer
+        from model.sentencepiece_tokenizer import SentencePieceTokenizer
+
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return HFTokenizer.from_gguf(path)
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer.from_pretrained(path)
+        if (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer.from_pretrained(path)
+        raise TokenizerError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; `add_bos` None follows the checkpoint's setting."""
+        ids = self.encode_text(replace_lone_surrogates(text))
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        if self.add_eos_token and self.eos_token_id is not None:
+            ids.append(self.eos_token_id)
+        return ids
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` alone: no BOS or EOS."""
+
+    @abstractmethod
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Token ids of rendered chat text: special-token text (`<s>`, `<|im_start|>`) becomes
+        its id; no BOS is added."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def id_to_piece(self, id: int) -> str:
+        """The vocabulary entry of an id, as the tokenizer spells it ("▁the", "Ġthe")."""
+
+    @abstractmethod
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes a token adds to the text (special tokens: their text)."""
+
+    @abstractmethod
+    def detokenizer(self, prompt_ids: Iterable[int] = (), *, skip_special_tokens: bool = True) -> Detokenizer:
+        """A streaming detokenizer for output that follows `prompt_ids`."""
+
+    @abstractmethod
+    def pad_vocab(self, vocab_size: int) -> None:
+        """Accept ids up to `vocab_size` (a model's padded embedding rows): they decode to ""."""
+
+    def special_token_texts(self) -> dict[str, str]:
+        """`bos_token` and `eos_token` (when the tokenizer has them), for chat templates."""
+        named = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id}
+        return {name: self.id_to_piece(i) for name, i in named.items() if i is not None}
+
+
+def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer that cannot be this model's: more ids than the embedding has rows,
+    or far fewer (a model's vocabulary may be padded, to a multiple of 64 say, not more)."""
+    slack = max(128, model_vocab_size // 100)
+    if tokenizer.vocab_size > model_vocab_size or model_vocab_size - tokenizer.vocab_size > slack:
+        raise TokenizerError(
+            f"the tokenizer of {where} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model_vocab_size}: they do not belong together")
+
+
+def chat_template_of(model_dir: Path, tok_cfg: dict) -> str | None:
+    """`chat_template` of tokenizer_config.json (the "default" one of a named list), else the
+    directory's chat_template.jinja."""
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None
+
+
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     with open(path, encoding="utf-8") as f:

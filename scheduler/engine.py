@@ -29,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from model.attention_backend import resolve_backend
-from model.loader import BUNDLED_MODEL_DIR, load_model
+from model.loader import load_model, model_config
+from model.model_path import resolve_model_path
 from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
 from model.sampler import SamplerOutput, SamplingRow
 from model.sampling_params import SamplingParams
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, check_vocab_size
 from scheduler.block_manager import BlockManager
 from scheduler.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
 from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
@@ -82,7 +83,8 @@ class GenerationResult:
 class Engine:
     """A model, its KV pool and a continuous-batching scheduler.
 
-    `model` is a Hugging Face directory (None: the bundled stories260K). The KV pool holds
+    `model` is a Hugging Face directory, a GGUF file or an installed model's name
+    (model_path.py; None: the bundled stories260K). The KV pool holds
     `num_kv_blocks` blocks when given; otherwise it is sized from memory (kv_sizing.py).
     """
 
@@ -108,14 +110,18 @@ class Engine:
         attention_backend: str | None = None,
         enforce_eager: bool = False,
     ):
-        model_dir = Path(model) if model is not None else BUNDLED_MODEL_DIR
+        # Everything that can be wrong with the files is found before any weight is read.
+        self.model_path = resolve_model_path(model)
+        config = model_config(self.model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        if load_format != "dummy":  # random weights belong to no tokenizer: only padded
+            check_vocab_size(self.tokenizer, config.vocab_size, str(self.model_path))
+        self.tokenizer.pad_vocab(config.vocab_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(model_dir, self.dtype, self.device, load_format, seed)
-        self.attention_backend = resolve_backend(attention_backend, self.device, self.model.config.head_dim)
+        self.model = load_model(self.model_path, self.dtype, self.device, load_format, seed)
+        self.attention_backend = resolve_backend(attention_backend, self.device, config.head_dim)
         self.model.set_attention_backend(self.attention_backend)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        config = self.model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
         if self.max_model_len > config.max_position_embeddings:
             logger.warning("max_model_len %d is past the model's context (%d): quality will degrade",
@@ -360,7 +366,7 @@ class Engine:
         """Probe the engine on its scratch blocks: a 2-token prefill, then a 1-token decode (the
         two paths of a step, CUDA graphs included). Raises if either fails: a broken engine,
         not a bad request."""
-        bos = max(self.tokenizer.bos_token_id, 0)
+        bos = self.tokenizer.bos_token_id or 0
         greedy = [SamplingRow(SamplingParams(temperature=0.0))]
         for token_ids, context_len in (([bos, bos], 2), ([bos], 3)):
             self.runner.execute(ModelInput(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.tokenizer import Detokenizer, Tokenizer
 from scheduler.request import FinishReason, Request
 
 
@@ -41,7 +41,7 @@ class RequestOutput:
 
 @dataclass
 class _TextState:
-    detokenizer: IncrementalDetokenizer
+    detokenizer: Detokenizer
     held: str = ""  # decoded text not yet emitted: it may start a stop string
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
@@ -56,8 +56,8 @@ class OutputProcessor:
         self._states: dict[str, _TextState] = {}
 
     def add(self, request: Request) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                       skip_special_tokens=request.params.skip_special_tokens)
+        detok = self.tokenizer.detokenizer(request.prompt_token_ids,
+                                           skip_special_tokens=request.params.skip_special_tokens)
         self._states[request.request_id] = _TextState(detok)
 
     def remove(self, request: Request) -> None:

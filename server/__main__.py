@@ -11,12 +11,17 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
 import uvicorn
 
-from model.loader import BUNDLED_MODEL_DIR
+from model.config import ConfigError
+from model.gguf_checkpoint import GGUFError
+from model.loader import CheckpointError
+from model.model_path import INSTALLED_MODELS, ModelPathError, default_model_name
+from model.tokenizer import TokenizerError
 from scheduler.engine import Engine
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
@@ -27,12 +32,19 @@ from server.serving import ServerState, load_generation_defaults
 
 logger = logging.getLogger("sinkserve")
 
+# Errors in the files named by --model (found before any weight is read where they can be).
+MODEL_ERRORS = (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sinkserve", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: bundled stories260K)")
-    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face model directory, a .gguf file, or an installed model's name "
+                        f"({', '.join(INSTALLED_MODELS)}) (default: bundled stories260K)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name in the API (default: the installed model's name, the directory's name, "
+                        "or the GGUF file's name without .gguf)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
@@ -130,9 +142,8 @@ class GracefulServer(uvicorn.Server):
 
 
 def build_state(args: argparse.Namespace) -> ServerState:
-    model_dir = Path(args.model) if args.model else BUNDLED_MODEL_DIR
     engine = Engine(
-        model_dir, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        args.model, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=int(args.kv_cache_memory * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
@@ -140,11 +151,11 @@ def build_state(args: argparse.Namespace) -> ServerState:
         load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
     )
-    name = args.served_model_name or model_dir.resolve().name
+    name = args.served_model_name or default_model_name(args.model, engine.model_path)
     return ServerState(
         engine=AsyncEngine(engine), tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(engine, name), model_name=name, max_model_len=engine.max_model_len,
-        defaults=load_generation_defaults(model_dir), max_waiting_requests=args.max_waiting_requests or None,
+        defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout,
     )
 
@@ -154,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = build_state(args)
+    try:
+        state = build_state(args)
+    except MODEL_ERRORS as exc:  # a model the user can fix: one line, no traceback
+        print(f"sinkserve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes, args.rate_limit)
     # Our logging for uvicorn too; the access log is RequestIdMiddleware's (it has the request id).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,

@@ -1,8 +1,11 @@
 """Chat messages to prompt tokens, through the model's jinja2 chat template.
 
-The template comes from `tokenizer_config.json` (`chat_template`) and is rendered in a jinja2
-sandbox with `messages`, `bos_token`, `eos_token` and `add_generation_prompt`, as transformers
-does. Special-token text it produces (`<s>`, `</s>`) becomes the special token ids.
+The template comes from the checkpoint (`chat_template` in tokenizer_config.json,
+chat_template.jinja, or a GGUF's `tokenizer.chat_template`) and is rendered as transformers'
+`apply_chat_template` renders it: a jinja2 sandbox with `trim_blocks`, `lstrip_blocks` and loop
+controls, the `tojson` filter, `raise_exception` and `strftime_now`, and the variables
+`messages`, `add_generation_prompt`, `bos_token` and `eos_token`. Special-token text in the
+result (`<s>`, `<|im_start|>`) becomes the special token ids.
 
 A model without a template (the bundled stories260K has none) gets the plain fallback: BOS, then
 each message as `<role>: <content>` on its own line, then `assistant:` when a reply is wanted.
@@ -10,9 +13,11 @@ each message as `<role>: <content>` on its own line, then `assistant:` when a re
 
 from __future__ import annotations
 
-import re
+import json
+from datetime import datetime
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.tokenizer import Tokenizer
@@ -32,35 +37,36 @@ def _raise_exception(message: str):
     raise ChatTemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' filter: unlike jinja2's own, no HTML escaping and non-ASCII kept as is.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
         self.source = template or tokenizer.chat_template or FALLBACK_TEMPLATE
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
         self.template = env.from_string(self.source)
-        self.bos_token = tokenizer.id_to_piece(tokenizer.bos_token_id)
-        self.eos_token = tokenizer.id_to_piece(tokenizer.eos_token_id)
-        specials = {self.bos_token: tokenizer.bos_token_id, self.eos_token: tokenizer.eos_token_id}
-        self._special_ids = specials
-        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+        self.special_tokens = {"bos_token": "", "eos_token": "", **tokenizer.special_token_texts()}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+                                        **self.special_tokens)
         except ChatTemplateError:
             raise
-        except TemplateError as exc:
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            # What a template does with the request's messages is the request's problem: a 400.
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation; special-token text becomes its id."""
-        text = self.render(messages, add_generation_prompt)
-        ids: list[int] = []
-        for piece in self._special_re.split(text):
-            if piece in self._special_ids:
-                ids.append(self._special_ids[piece])
-            elif piece:
-                ids.extend(self.tokenizer.encode(piece, add_bos=False))
-        return ids
+        return self.tokenizer.encode_with_special_tokens(self.render(messages, add_generation_prompt))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from model.config import ConfigError, ModelConfig
 from model.loader import CheckpointError, load_model
+from model.model_path import ModelPathError
 from tests.conftest import PagedDriver, max_relative_error, save_hf_checkpoint
 
 
@@ -72,7 +73,7 @@ def test_missing_shard(tmp_path):
 
 
 def test_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelPathError, match="no config.json"):
         load_model(tmp_path)
 
 

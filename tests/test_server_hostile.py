@@ -59,7 +59,7 @@ UNICODE_EDGES = ["\x00", "\ufeff BOM", "👩\u200d💻 ZWJ", "\u202e bidi overri
 
 @pytest.mark.parametrize("text", UNICODE_EDGES)
 def test_unicode_edges_survive_tokenize_detokenize_and_stop_strings(server, text):
-    from model.loader import BUNDLED_MODEL_DIR
+    from model.model_path import BUNDLED_MODEL_DIR
     from model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(BUNDLED_MODEL_DIR)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
+from model.tokenizer import TokenizerError
 
 MODEL_DIR = Path(__file__).parents[1] / "model/bundled/stories260K"
 BYTE0 = 3  # <0x00> is id 3, so byte b is id b + 3
@@ -23,8 +24,8 @@ def byte_ids(data: bytes) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_pretrained(MODEL_DIR)
+def tok() -> SentencePieceTokenizer:
+    return SentencePieceTokenizer.from_pretrained(MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def sp() -> spm.SentencePieceProcessor:
 
 def stream(tok, prompt, output, rng=None):
     """Push `output` in chunks (one token each, or random sizes); return the deltas incl. flush."""
-    detok = IncrementalDetokenizer(tok, prompt)
+    detok = SentencePieceDetokenizer(tok, prompt)
     deltas, i = [], 0
     while i < len(output):
         k = rng.randint(1, 5) if rng else 1
@@ -75,7 +76,7 @@ def test_special_tokens_from_tokenizer_config_strings_and_dicts(tmp_path):
         "bos_token": {"content": "</s>", "lstrip": False}, "eos_token": "<s>",
         "add_bos_token": False, "add_eos_token": True, "chat_template": "{{ messages }}",
     }, config={"bos_token_id": 7, "eos_token_id": 8})
-    tok = Tokenizer.from_pretrained(str(d))
+    tok = SentencePieceTokenizer.from_pretrained(str(d))
     assert (tok.bos_token_id, tok.eos_token_id) == (EOS, BOS)
     assert tok.add_bos_token is False and tok.chat_template == "{{ messages }}"
     assert tok.encode("hi") == tok.sp.encode("hi") + [BOS]  # add_eos_token appends "eos"
@@ -86,19 +87,19 @@ def test_special_tokens_fall_back_to_config_json_then_model(tmp_path):
     # A token string the model does not know falls through to config.json.
     d = copy_model(tmp_path, tokenizer_config={"bos_token": "<nope>"},
                    config={"bos_token_id": 5, "eos_token_id": [2, 1]})
-    tok = Tokenizer.from_pretrained(d)
+    tok = SentencePieceTokenizer.from_pretrained(d)
     assert (tok.bos_token_id, tok.eos_token_id) == (5, 2)
     assert tok.add_bos_token is True  # the LLaMA default when the config is silent
 
     (d / "tokenizer_config.json").unlink()
     (d / "config.json").unlink()
-    tok = Tokenizer.from_pretrained(d)
+    tok = SentencePieceTokenizer.from_pretrained(d)
     assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)  # SentencePiece's own
 
 
 def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.model") as err:
-        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(TokenizerError, match="tokenizer.model") as err:
+        SentencePieceTokenizer.from_pretrained(tmp_path)
     assert str(tmp_path / "tokenizer.model") in str(err.value)
 
 
@@ -185,7 +186,7 @@ def test_stream_chinese_and_emoji_by_bytes(tok):
         assert all("\ufffd" not in d for d in deltas)
         assert "".join(deltas) == text
     # A character's bytes are held until the last one arrives.
-    detok = IncrementalDetokenizer(tok, [BOS])
+    detok = SentencePieceDetokenizer(tok, [BOS])
     assert [detok.push([i]) for i in byte_ids("🎉".encode())] == ["", "", "", "🎉"]
 
 
@@ -265,7 +266,7 @@ def test_other_normalizer_settings(tmp_path, add_dummy_prefix, remove_extra_whit
             sentence_iterator=iter(corpus), model_writer=f, vocab_size=300, model_type="bpe",
             byte_fallback=True, hard_vocab_limit=False, minloglevel=2,
             add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces)
-    tok = Tokenizer.from_pretrained(tmp_path)
+    tok = SentencePieceTokenizer.from_pretrained(tmp_path)
     sp = tok.sp
     lone = sp.piece_to_id("\u2581")
     assert sp.id_to_piece(lone) == "\u2581"
@@ -285,7 +286,7 @@ def test_other_normalizer_settings(tmp_path, add_dummy_prefix, remove_extra_whit
 
 def test_out_of_range_id(tok):
     with pytest.raises(ValueError):
-        IncrementalDetokenizer(tok, []).push([tok.vocab_size])
+        SentencePieceDetokenizer(tok, []).push([tok.vocab_size])
 
 
 class _NoDecode:
@@ -305,7 +306,7 @@ def test_streaming_is_constant_time_per_token(tok, monkeypatch):
     monkeypatch.setattr(tok, "sp", _NoDecode(tok.sp))
     rng = random.Random(0)
     output = [rng.randrange(tok.vocab_size) for _ in range(100_000)]
-    detok = IncrementalDetokenizer(tok, [BOS])
+    detok = SentencePieceDetokenizer(tok, [BOS])
     start = time.perf_counter()
     text = "".join(detok.push([i]) for i in output) + detok.flush()
     elapsed = time.perf_counter() - start

