@@ -81,11 +81,11 @@ class ModelConfig:
         path = model_dir / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        hf = json.loads(path.read_text())
+        hf = _read_json(path)
         eos = hf.get("eos_token_id", 2)
         gen_path = model_dir / "generation_config.json"
         if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+            eos = _read_json(gen_path).get("eos_token_id", eos)
         return cls.from_hf_dict(hf, eos_token_ids=eos)
 
     @classmethod
@@ -140,6 +140,16 @@ class ModelConfig:
             eos_token_ids=eos,
             architecture=archs[0],
         )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # malformed JSON or UTF-8, unreadable
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return data
 
 
 def _rope_from_hf(hf: dict) -> RopeConfig:

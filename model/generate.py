@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     model_path = resolve_model_path(args.model)
     tokenizer = Tokenizer.from_pretrained(model_path)
     model = load_model(model_path)
+    stop_ids = {*model.config.eos_token_ids, tokenizer.eos_token_id, *tokenizer.end_of_generation_ids}
     prompt = tokenizer.encode(args.prompt)
     block_size = 16
     total = len(prompt) + args.max_tokens
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             next_id = int(torch.multinomial(torch.softmax(logits / args.temperature, -1), 1))
         else:
             next_id = int(logits.argmax())
-        if next_id in model.config.eos_token_ids:
+        if next_id in stop_ids:
             break
         tokens.append(next_id)
         new = [next_id]

@@ -70,6 +70,14 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 _LLAMA3_LIKE = frozenset(f"{_LLAMA3_NAMES} tekken".split())
 
 
+# Control tokens that end a generation whatever the file's eos/eot ids say, by their text, as
+# llama.cpp reads them (src/llama-vocab.cpp): most files name only one of a model's stop tokens.
+END_OF_GENERATION = frozenset([
+    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+    "<EOT>", "_<EOT>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>",
+])
+
+
 class UnsupportedGGUFTokenizer(TokenizerError):
     """The file names a tokenizer model or a pre-tokenizer this module cannot rebuild."""
 
@@ -92,12 +100,13 @@ class GGUFTokenizer:
     add_bos_token: bool
     add_eos_token: bool
     chat_template: str | None
+    end_of_generation_ids: tuple[int, ...] = ()  # control tokens llama.cpp stops at by their text
 
     def __post_init__(self):
         if self.add_bos_token and self.bos_token_id is None:
-            raise ValueError(f"{_KEYS.ADD_BOS} is true, but the file has no {_KEYS.BOS_ID}.")
+            raise TokenizerError(f"{_KEYS.ADD_BOS} is true, but the file has no {_KEYS.BOS_ID}.")
         if self.add_eos_token and self.eos_token_id is None:
-            raise ValueError(f"{_KEYS.ADD_EOS} is true, but the file has no {_KEYS.EOS_ID}.")
+            raise TokenizerError(f"{_KEYS.ADD_EOS} is true, but the file has no {_KEYS.EOS_ID}.")
 
 
 def tokenizer_from_gguf(reader: gguf.GGUFReader) -> GGUFTokenizer:
@@ -132,6 +141,8 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> GGUFTokenizer:
         add_bos_token=bool(_value(reader, _KEYS.ADD_BOS, add_bos_by_default and bos is not None)),
         add_eos_token=bool(_value(reader, _KEYS.ADD_EOS, False)),
         chat_template=_value(reader, _KEYS.CHAT_TEMPLATE),
+        end_of_generation_ids=tuple(i for i, (token, kind) in enumerate(zip(tokens, token_types))
+                                    if token in END_OF_GENERATION and kind == gguf.TokenType.CONTROL),
     )
     backend.post_processor = _bos_eos_template(tokenizer, tokens)
     return tokenizer

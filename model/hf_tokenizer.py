@@ -47,9 +47,12 @@ class HFTokenizer(Tokenizer):
     `encode(text, add_bos=False)` is always the bare text."""
 
     def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_id: int | None,
-                 add_bos_token: bool, add_eos_token: bool, chat_template: str | None):
+                 add_bos_token: bool, add_eos_token: bool, chat_template: str | None,
+                 end_of_generation_ids: tuple[int, ...] = ()):
         self.backend = backend
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.end_of_generation_ids = end_of_generation_ids
+        # The largest id + 1: a vocabulary that lists a string twice has fewer strings than ids.
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._backend_vocab_size = self.vocab_size
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
@@ -76,6 +79,8 @@ class HFTokenizer(Tokenizer):
         cfg = read_json(model_dir / "config.json")
 
         def special_id(name: str) -> int | None:
+            if f"{name}_token" in tok_cfg and tok_cfg[f"{name}_token"] is None:
+                return None  # said to have none (Qwen's bos_token: null)
             token = tok_cfg.get(f"{name}_token")
             if isinstance(token, dict):
                 token = token.get("content")
@@ -100,10 +105,15 @@ class HFTokenizer(Tokenizer):
         from model.gguf_checkpoint import open_gguf
         from model.gguf_tokenizer import tokenizer_from_gguf
 
-        spec = tokenizer_from_gguf(open_gguf(path))
+        try:
+            spec = tokenizer_from_gguf(open_gguf(path))
+        except TokenizerError:
+            raise
+        except Exception as exc:  # inconsistent metadata: bad ids, merges of unknown tokens, ...
+            raise TokenizerError(f"cannot build the tokenizer of {Path(path).name}: {exc}") from None
         return cls(spec.backend, bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id,
                    add_bos_token=spec.add_bos_token, add_eos_token=spec.add_eos_token,
-                   chat_template=spec.chat_template)
+                   chat_template=spec.chat_template, end_of_generation_ids=spec.end_of_generation_ids)
 
     def encode_text(self, text: str) -> list[int]:
         # Added tokens in the text are matched by the backend, as transformers does.
@@ -144,7 +154,11 @@ class HFTokenizer(Tokenizer):
                 return bytes(_BYTE_OF_CHAR[c] for c in piece)
             except KeyError:
                 return piece.encode()
-        return self.backend.decode([i], skip_special_tokens=False).encode()
+        # SentencePiece-style: "▁" is a space, "<0xNN>" a byte (decoding one token alone would
+        # strip the leading space and show a lone byte as U+FFFD).
+        if i in self._byte_fallback_ids:
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
 
 class ByteLevelDetokenizer:
@@ -195,8 +209,9 @@ class WindowDetokenizer:
         self._skip_special = skip_special_tokens
         prompt = list(prompt_ids)
         start = max(len(prompt) - 6, 0)  # enough context for a leading space or a split character
-        while start > 0 and prompt[start] in tokenizer._byte_fallback_ids:
-            start -= 1  # never inside a run of byte tokens
+        while start > 0 and (prompt[start] in tokenizer._byte_fallback_ids  # never inside a byte run
+                             or (start > len(prompt) - 64 and not self._decode(prompt[start:]))):
+            start -= 1  # nor only skipped special tokens, whose decode is empty
         self._ids = prompt[start:]
         self._prefix = 0  # window start
         self._read = len(self._ids)  # ids before this have been emitted

@@ -41,7 +41,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if model is not None and str(model) in INSTALLED_MODELS and not Path(model).expanduser().exists():
         return installed_model_path(str(model))
     path = checkpoint_path(model)
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         return path
     from model.loader import checkpoint_files  # imports torch: only for a directory that needs it
 
@@ -71,7 +71,7 @@ def checkpoint_path(model: str | Path | None) -> Path:
         return path
     if (path / "config.json").is_file():
         return path
-    ggufs = sorted(path.glob("*.gguf"))
+    ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(ggufs) == 1:
         return ggufs[0]
     if ggufs:

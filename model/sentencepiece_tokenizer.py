@@ -59,7 +59,10 @@ class SentencePieceTokenizer(Tokenizer):
         model_file = model_dir / "tokenizer.model"
         if not model_file.is_file():
             raise TokenizerError(f"SentencePiece model not found: {model_file}")
-        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as exc:  # not a SentencePiece model
+            raise TokenizerError(f"cannot read {model_file}: {exc}") from None
         tok_cfg = read_json(model_dir / "tokenizer_config.json")
         cfg = read_json(model_dir / "config.json")
 

@@ -52,11 +52,13 @@ class Detokenizer(Protocol):
 class Tokenizer(ABC):
     """Text <-> token ids, the special tokens, and the chat template of a checkpoint.
 
-    `bos_token_id` and `eos_token_id` are None when the tokenizer has no such token."""
+    `bos_token_id` and `eos_token_id` are None when the tokenizer has no such token;
+    `end_of_generation_ids` are more stop tokens it knows of (a GGUF's end-of-turn tokens)."""
 
     vocab_size: int
     bos_token_id: int | None
     eos_token_id: int | None
+    end_of_generation_ids: tuple[int, ...] = ()
     add_bos_token: bool
     add_eos_token: bool
     chat_template: str | None
@@ -68,7 +70,7 @@ class Tokenizer(ABC):
         from model.sentencepiece_tokenizer import SentencePieceTokenizer
 
         path = Path(path)
-        if path.suffix == ".gguf":
+        if path.suffix.lower() == ".gguf":
             return HFTokenizer.from_gguf(path)
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_pretrained(path)
@@ -143,5 +145,8 @@ def chat_template_of(model_dir: Path, tok_cfg: dict) -> str | None:
 def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, OSError) as exc:  # malformed JSON or UTF-8, unreadable
+        raise TokenizerError(f"cannot read {path}: {exc}") from None

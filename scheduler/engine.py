@@ -146,7 +146,12 @@ class Engine:
                 logger.exception("CUDA graph capture failed; decode steps run eagerly")
                 self.runner.decode_graphs = None
                 torch.cuda.synchronize(self.device)
-        self.output_processor = OutputProcessor(self.tokenizer, config.eos_token_ids, self.max_model_len)
+        # Stop ids: the model's (generation_config.json or the GGUF), the tokenizer's EOS and the
+        # end-of-turn tokens it knows of, as vLLM and llama.cpp stop.
+        tokenizer_stops = (self.tokenizer.eos_token_id, *self.tokenizer.end_of_generation_ids)
+        self.stop_token_ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(i for i in tokenizer_stops
+                                                                               if i is not None)))
+        self.output_processor = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)

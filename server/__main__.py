@@ -25,7 +25,7 @@ from model.tokenizer import TokenizerError
 from scheduler.engine import Engine
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
-from server.chat_template import ChatTemplate
+from server.chat_template import ChatTemplate, ChatTemplateError
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.serving import ServerState, load_generation_defaults
@@ -33,7 +33,7 @@ from server.serving import ServerState, load_generation_defaults
 logger = logging.getLogger("sinkserve")
 
 # Errors in the files named by --model (found before any weight is read where they can be).
-MODEL_ERRORS = (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError)
+MODEL_ERRORS = (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

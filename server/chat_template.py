@@ -4,7 +4,8 @@ The template comes from the checkpoint (`chat_template` in tokenizer_config.json
 chat_template.jinja, or a GGUF's `tokenizer.chat_template`) and is rendered as transformers'
 `apply_chat_template` renders it: a jinja2 sandbox with `trim_blocks`, `lstrip_blocks` and loop
 controls, the `tojson` filter, `raise_exception` and `strftime_now`, and the variables
-`messages`, `add_generation_prompt`, `bos_token` and `eos_token`. Special-token text in the
+`messages`, `add_generation_prompt`, `bos_token` and `eos_token`; `{% generation %}` blocks
+render as their body. Special-token text in the
 result (`<s>`, `<|im_start|>`) becomes the special token ids.
 
 A model without a template (the bundled stories260K has none) gets the plain fallback: BOS, then
@@ -16,8 +17,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.tokenizer import Tokenizer
@@ -31,6 +32,18 @@ FALLBACK_TEMPLATE = (
 
 class ChatTemplateError(ValueError):
     pass
+
+
+class _GenerationBlocks(Extension):
+    """`{% generation %}...{% endgeneration %}`, which templates use to mark the assistant's
+    tokens for training masks (transformers' AssistantTracker): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
 
 
 def _raise_exception(message: str):
@@ -50,11 +63,15 @@ class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
         self.source = template or tokenizer.chat_template or FALLBACK_TEMPLATE
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols, _GenerationBlocks])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        self.template = env.from_string(self.source)
+        try:
+            self.template = env.from_string(self.source)
+        except TemplateError as exc:
+            raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from None
         self.special_tokens = {"bos_token": "", "eos_token": "", **tokenizer.special_token_texts()}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

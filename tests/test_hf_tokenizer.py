@@ -332,3 +332,44 @@ def test_engine_serves_a_tokenizer_json_checkpoint_with_an_eos_list(tmp_path, by
     end = min(free.token_ids.index(first), free.token_ids.index(second))
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:end + 1]
     assert stopped.text == engine.tokenizer.decode(free.token_ids[:end])
+
+
+def test_sentencepiece_json_token_bytes_keep_spaces_and_bytes(sentencepiece_dir):
+    """What logprobs report for a token: "▁the" is " the", "<0xE4>" is the byte."""
+    tok = _cached(sentencepiece_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(BUNDLED_MODEL_DIR / "tokenizer.model"))
+    (there,) = sp.encode("there")  # the piece "▁there"
+    assert tok.token_bytes(there) == b" there"
+    assert tok.token_bytes(sp.piece_to_id("<0xE4>")) == b"\xe4"
+    assert tok.token_bytes(1) == b"<s>"
+
+
+def test_window_detokenizer_after_a_prompt_of_special_tokens(sentencepiece_dir):
+    """The window reaches back past skipped special tokens, so the output's leading space stays."""
+    tok = _cached(sentencepiece_dir)
+    hello, world = tok.encode("hello", add_bos=False), tok.encode("world", add_bos=False)
+    prompt = hello + [1] * 8
+    detok = tok.detokenizer(prompt)
+    streamed = detok.push(world) + detok.flush()
+    assert streamed == tok.decode(prompt + world)[len(tok.decode(prompt)):] == " world"
+
+
+def test_generation_blocks_render_as_their_body(byte_level_dir):
+    template = ChatTemplate(_cached(byte_level_dir), "{% for m in messages %}{% if m.role == 'assistant' %}"
+                            "{% generation %}[{{ m.content }}]{% endgeneration %}{% else %}{{ m.content }}"
+                            "{% endif %}{% endfor %}")
+    assert template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "a[b]"
+
+
+def test_engine_stops_at_the_tokenizers_eos(tmp_path, byte_level_dir):
+    """A ChatML fine-tune whose config.json names another EOS than its tokenizer_config.json:
+    both stop a generation."""
+    from scheduler.engine import Engine
+    from tests.conftest import save_hf_checkpoint
+
+    tok = _cached(byte_level_dir)
+    save_hf_checkpoint(tmp_path, seed=4, vocab_size=tok.vocab_size, eos_token_id=0)
+    (tmp_path / "tokenizer.model").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(byte_level_dir / name, tmp_path / name)
+    assert Engine(tmp_path, device="cpu", num_kv_blocks=16).stop_token_ids == (0, tok.encode("<|im_end|>")[0])

@@ -74,7 +74,14 @@ def _serve(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, env=env, cwd=REPO_ROOT)
 
 
-@pytest.mark.parametrize("case", ["missing", "no_weights", "no_architectures", "vocab_mismatch"])
+def test_upper_case_gguf_suffix(tmp_path):
+    (tmp_path / "M.GGUF").write_bytes(b"GGUF")
+    assert resolve_model_path(tmp_path / "M.GGUF") == tmp_path / "M.GGUF"
+    assert resolve_model_path(tmp_path) == tmp_path / "M.GGUF"
+
+
+@pytest.mark.parametrize("case", ["missing", "no_weights", "no_architectures", "vocab_mismatch", "bad_json",
+                                  "bad_tokenizer"])
 def test_cli_refuses_a_bad_model_in_one_line(tmp_path, case):
     """No traceback: one line naming the problem, exit code 2, before any weight is read."""
     model = tmp_path / "model"
@@ -89,11 +96,14 @@ def test_cli_refuses_a_bad_model_in_one_line(tmp_path, case):
     if case == "vocab_mismatch":
         config["vocab_size"] = 49152
     if case != "missing":
-        (model / "config.json").write_text(json.dumps(config))
+        (model / "config.json").write_text(json.dumps(config)[:-1] if case == "bad_json" else json.dumps(config))
+    if case == "bad_tokenizer":
+        (model / "tokenizer.model").write_bytes(b"not a model")
     result = _serve("--model", str(model), "--port", "1")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sinkserve: error: "), result.stderr
     expected = {"missing": "no such file or directory", "no_weights": "no weights",
-                "no_architectures": "architectures", "vocab_mismatch": "512 tokens but the model's vocabulary has 49152"}
+                "no_architectures": "architectures", "vocab_mismatch": "512 tokens but the model's vocabulary has 49152",
+                "bad_json": "cannot read", "bad_tokenizer": "cannot read"}
     assert expected[case] in lines[0]

@@ -157,7 +157,7 @@ def test_streamed_text_equals_the_decode(engine):
         for out in engine.step():
             deltas.append(out.text)
             ids += out.new_token_ids
-    ids = [i for i in ids if i not in engine.model.config.eos_token_ids]
+    ids = [i for i in ids if i not in engine.stop_token_ids]
     assert "".join(deltas) == engine.tokenizer.decode(ids)
     assert not any("\ufffd" in d for d in deltas)
 
