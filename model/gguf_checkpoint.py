@@ -50,10 +50,16 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """The reader of the GGUF file at `path`: metadata parsed, tensors memory-mapped, none read.
 
     Parsing takes seconds (a vocabulary is ~100k strings), so the last file's reader is kept
-    for the model loader and the tokenizer to share; a file rewritten in place is parsed again.
+    for the model loader and the tokenizer to share, until `release_gguf()`; a file rewritten
+    in place is parsed again.
     """
     path = Path(path).resolve()
     return _open_gguf(path, path.stat().st_mtime_ns)
+
+
+def release_gguf() -> None:
+    """Forget the cached reader, unmapping its file (once the tokenizer and weights are read)."""
+    _open_gguf.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,7 +79,8 @@ class _PlainArrayReader(gguf.GGUFReader):
     """gguf's reader, parsing the file through a plain ndarray view of its np.memmap.
 
     The reader slices its file array a few times per metadata string; slicing an np.memmap
-    runs Python code each time, which made parsing SmolLM2's file 3.5x slower (4.7 s vs 1.3 s).
+    runs Python code each time, which made parsing SmolLM2's file about 3x slower
+    (benchmarks/load_time.py measures both).
     """
 
     @property
@@ -225,8 +232,8 @@ def _dequantize(tensor: gguf.gguf_reader.ReaderTensor) -> torch.Tensor:
 
 
 # gguf.quants.dequantize works on 16 rows at a time in numpy; these whole-tensor versions of
-# the common types are ~3x faster (SmolLM2's Q4_1 and Q8_0 tensors: 0.55 s instead of 1.7 s),
-# and tests check them equal to gguf's, bit for bit. Each takes the tensor's bytes [n_bytes]
+# the common types are faster (benchmarks/load_time.py measures both on a file), and tests check
+# them equal to gguf's, bit for bit. Each takes the tensor's bytes [n_bytes]
 # and gives a new float32 tensor of its elements, flat or by block.
 def _dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 34)  # [N, 2 + 32]: fp16 scale d, 32 int8 quants q; x = q * d

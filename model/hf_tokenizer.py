@@ -63,9 +63,9 @@ class HFTokenizer(Tokenizer):
         self.byte_level = bool(parts) and all(p.get("type") == "ByteLevel" for p in parts)
         # ByteFallback decodes a run of "<0xNN>" tokens as a whole (all U+FFFD if it is not
         # UTF-8): a stream must not emit text while such a run may go on.
+        byte_fallback = any(p.get("type") == "ByteFallback" for p in parts)
         self._byte_fallback_ids = frozenset(
-            i for i in range(self.vocab_size)
-            if any(p.get("type") == "ByteFallback" for p in parts) and _BYTE_PIECE.fullmatch(self.id_to_piece(i)))
+            i for i in range(self.vocab_size) if byte_fallback and _BYTE_PIECE.fullmatch(self.id_to_piece(i)))
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
 
     @classmethod

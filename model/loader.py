@@ -128,7 +128,7 @@ def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
 
 
 def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
-    from model.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf
+    from model.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf, release_gguf
 
     params = dict(model.named_parameters())
     # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).
@@ -142,6 +142,7 @@ def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
             target.copy_(tensor)
         loaded.add(name)
     _check_complete(params, loaded, gguf_file.name)
+    release_gguf()  # the weights own their memory: the file's map can go (the tokenizer came first)
 
 
 def _checked_target(targets: dict[str, torch.Tensor], config: ModelConfig, file_name: str, name: str,

@@ -38,8 +38,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     """The checkpoint `model` names, with every file it needs checked (`checkpoint_path`, then
     a HF directory's weights and tokenizer). A name in INSTALLED_MODELS, when no such path
     exists, is the file its package carries."""
-    if model is not None and str(model) in INSTALLED_MODELS and not Path(model).expanduser().exists():
-        return installed_model_path(str(model))
+    name = installed_model_name(model)
+    if name is not None:
+        return installed_model_path(name)
     path = checkpoint_path(model)
     if path.suffix.lower() == ".gguf":
         return path
@@ -80,9 +81,14 @@ def checkpoint_path(model: str | Path | None) -> Path:
     raise ModelPathError(f"{path} is not a model directory: no config.json (Hugging Face) and no .gguf file")
 
 
+def installed_model_name(model: str | Path | None) -> str | None:
+    """`model` when it names an installed model (INSTALLED_MODELS) and no path of that name exists."""
+    if model is None or str(model) not in INSTALLED_MODELS or Path(model).expanduser().exists():
+        return None
+    return str(model)
+
+
 def default_model_name(model: str | Path | None, path: Path) -> str:
     """The name a model is served under: an installed model's name, a directory's name, or a
     GGUF file's name without its extension."""
-    if model is not None and str(model) in INSTALLED_MODELS and not Path(model).exists():
-        return str(model)
-    return path.stem if path.is_file() else path.resolve().name
+    return installed_model_name(model) or (path.stem if path.is_file() else path.resolve().name)

@@ -444,3 +444,11 @@ def test_cli_refuses_another_architecture_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "sinkserve: error: general.architecture='qwen3' is not supported (supported: llama)"], result.stderr
+
+
+def test_the_file_is_unmapped_once_the_weights_are_in(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", save_hf_checkpoint(tmp_path / "hf", seed=21))
+    open_gguf(path)
+    assert gguf_checkpoint._open_gguf.cache_info().currsize == 1
+    load_model(path)
+    assert gguf_checkpoint._open_gguf.cache_info().currsize == 0

@@ -90,6 +90,7 @@ def test_batched_greedy_equals_one_at_a_time(engine):
 
 def test_prefix_cache_hit_gives_the_same_output(engine):
     prompt = _prompt(engine, f"Tell me about the number {random.Random(1).randrange(10**6)}.")
+    engine.generate([_prompt(engine, "Hello.")], _greedy(1), use_tqdm=False)  # caches the system prompt
     hits = engine.block_manager.prefix_cache_hits
     first = engine.generate([prompt], _greedy(12), use_tqdm=False)[0].token_ids
     assert engine.block_manager.prefix_cache_hits - hits >= 16  # at least the system prompt's block
