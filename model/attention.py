@@ -7,10 +7,14 @@ A sequence's cache is the concatenation of the blocks in its block-table row; it
 dropped the non-sink tail of a partly-sink block, the keys past the sinks sit `sink_gap`
 slots further on: `i = j + sink_gap * (j >= sink_len)` (scheduler/sink_policy.py).
 
-Keys are stored *before* RoPE and rotated when attention reads them, each at its index in
-the cache (0..context_len-1), while the query is rotated at its own cache position. Without
-eviction this is ordinary RoPE; with StreamingLLM eviction, dropping blocks from a block table
-renumbers the kept keys for free and shared blocks are never rewritten (DESIGN.md, option b).
+Keys are stored *after* RoPE, rotated at their absolute position in the sequence (the index of
+the token in prompt + output), and never rotated again. StreamingLLM eviction renumbers the
+kept tokens (their cache positions are 0..context_len-1), which a RoPE score sees only through
+the distance between query and key. A window key keeps its distance to the query under the
+renumbering (both move down by the evicted count), so the query rotated at its absolute
+position scores it exactly; a sink key does not move, so it is scored by the query rotated at
+its cache position (`q_sink`). Eviction stays a block-table edit, shared blocks are never
+rewritten, and no key is rotated on read (DESIGN.md, option d).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -30,7 +33,7 @@ class AttentionMetadata:
     token, so decode tokens are `[:num_decode_seqs]` of the flat batch.
     """
 
-    positions: torch.Tensor  # [T] int64 cache position of each new token (rotary + causal)
+    positions: torch.Tensor  # [T] int64 cache position of each new token (causal mask, slot)
     slot_mapping: torch.Tensor  # [T] int64 pool slot (block * block_size + offset) of each new K/V
     block_tables: torch.Tensor  # [B, max_blocks] int64 physical block ids (padding: 0)
     context_lens: torch.Tensor  # [B] int64 cache length of each sequence after this step
@@ -39,8 +42,13 @@ class AttentionMetadata:
     max_query_len: int
     max_decode_context_len: int
     max_prefill_context_len: int
+    # [T] int64 absolute position of each new token (RoPE of q and k): the cache position plus
+    # the tokens its sequence has evicted. None: no sequence of the batch has evicted any, so
+    # the two agree and keys need no sink query.
+    rope_positions: torch.Tensor | None = None
     sink_lens: torch.Tensor | None = None  # [B] int64 attention sinks of each sequence
     sink_gaps: torch.Tensor | None = None  # [B] int64 unused slots after its sinks (None: all 0)
+    max_sink_len: int = 0  # the longest of sink_lens (0 when sink_lens is None)
     # Decode rows grouped by context length for the reference attention, each group padded only
     # to its own longest context: (row indices [n], longest context). None: one group of all.
     decode_groups: list[tuple[torch.Tensor, int]] | None = None
@@ -59,6 +67,7 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
         sink_lens: list[int] | None = None,
         sink_gaps: list[int] | None = None,
+        num_evicted: list[int] | None = None,
     ) -> "AttentionMetadata":
         """Metadata for sequences whose last `query_lens[i]` cache entries are this step's tokens.
 
@@ -80,9 +89,14 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
         offset = torch.arange(int(starts[-1])) - starts[seq_of_token]  # [T]
         positions = (ctx_lens - q_lens)[seq_of_token] + offset  # [T]
-        gaps = None
-        if sink_gaps is not None and any(sink_gaps):
+        has_gaps = sink_gaps is not None and any(sink_gaps)
+        has_evictions = num_evicted is not None and any(num_evicted)
+        sinks = gaps = rope_positions = None
+        if has_gaps or has_evictions:
             sinks = torch.tensor(sink_lens, dtype=torch.int64)
+        if has_evictions:
+            rope_positions = positions + torch.tensor(num_evicted, dtype=torch.int64)[seq_of_token]  # [T]
+        if has_gaps:
             gaps = torch.tensor(sink_gaps, dtype=torch.int64)
             index = positions + gaps[seq_of_token] * (positions >= sinks[seq_of_token])  # [T]
         else:
@@ -98,8 +112,10 @@ class AttentionMetadata:
             max_query_len=max(query_lens, default=0),
             max_decode_context_len=max(context_lens[:num_decode], default=0),
             max_prefill_context_len=max(context_lens[num_decode:], default=0),
-            sink_lens=sinks.to(device) if gaps is not None else None,
+            rope_positions=rope_positions.to(device) if rope_positions is not None else None,
+            sink_lens=sinks.to(device) if sinks is not None else None,
             sink_gaps=gaps.to(device) if gaps is not None else None,
+            max_sink_len=max(sink_lens) if sinks is not None else 0,
             # Only the CPU reference path gains from groups; elsewhere they would be copies per step.
             decode_groups=[(torch.tensor(rows, device=device), max_len)
                            for rows, max_len in group_by_length(context_lens[:num_decode])]
@@ -155,9 +171,19 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])[slots]
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-            allowed: torch.Tensor, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
-    """q [B, Q, Hq, D] (already rotated) over the cache entries at slots [B, L].
+def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """q [B, Q, Hq, D] -> [B, Hkv, G*Q, D]: each KV head's query heads as rows of one matrix."""
+    num_seqs, num_queries, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    q = q.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    return q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)
+
+
+def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            slots: torch.Tensor, allowed: torch.Tensor, sink_lens: torch.Tensor | None, max_sink_len: int,
+            scale: float) -> torch.Tensor:
+    """q [B, Q, Hq, D] over the cache entries at slots [B, L]; q_sink (same shape, or None) scores
+    each sequence's first sink_lens [B] keys instead of q.
 
     allowed [B, Q, L] says which keys each query may see. Returns [B, Q, Hq, D].
     """
@@ -165,39 +191,47 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
     num_keys = slots.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_kv(k_cache, slots)  # [B, L, Hkv, D]
-    values = gather_kv(v_cache, slots)  # [B, L, Hkv, D]
-    keys = rotary.rotate(keys, torch.arange(num_keys, device=q.device))
+    keys = gather_kv(k_cache, slots).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    values = gather_kv(v_cache, slots).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
-    q = q.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)  # [B, Hkv, G*Q, D]
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G*Q, L]
+    scores = torch.matmul(_grouped(q, num_kv_heads), keys).float() * scale  # [B, Hkv, G*Q, L]
+    if q_sink is not None and max_sink_len:
+        num_sink = min(max_sink_len, num_keys)
+        sink_scores = torch.matmul(_grouped(q_sink, num_kv_heads), keys[..., :num_sink]).float() * scale
+        is_sink = torch.arange(num_sink, device=q.device) < sink_lens[:, None]  # [B, S]
+        scores[..., :num_sink] = torch.where(is_sink[:, None, None], sink_scores, scores[..., :num_sink])
     scores = scores.view(num_seqs, num_kv_heads, group, num_queries, num_keys)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     probs = probs.view(num_seqs, num_kv_heads, group * num_queries, num_keys)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, Hkv, G*Q, D]
+    out = torch.matmul(probs, values)  # [B, Hkv, G*Q, D]
     out = out.view(num_seqs, num_kv_heads, group, num_queries, head_dim)
     return out.permute(0, 3, 1, 2, 4).reshape(num_seqs, num_queries, num_heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, rotary: RotaryEmbedding, scale: float) -> torch.Tensor:
-    """Reference paged attention for a flat batch of new queries q [T, Hq, D] (rotated).
+def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Reference paged attention for a flat batch of new queries q [T, Hq, D].
 
+    q is rotated at the tokens' absolute positions; q_sink, rotated at their cache positions,
+    scores the sink keys (None: the batch has no evictions, q_sink would equal q).
     Batched over sequences: decodes in a few calls, each over a group of similar context lengths
     padded to its longest (`meta.decode_groups`), prefill chunks in one call padded to the
-    longest chunk. Each query sees the cache entries at or before its
-    position. Returns [T, Hq, D].
+    longest chunk. Each query sees the cache entries at or before its position. Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
     block_size = k_cache.shape[1]
+    if meta.rope_positions is None:
+        q_sink = None
 
     def slots(rows: slice | torch.Tensor, num_keys: int) -> torch.Tensor:
         sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
         gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
         return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
+
+    def sink_lens(rows: slice | torch.Tensor) -> torch.Tensor | None:
+        return meta.sink_lens[rows] if q_sink is not None else None
 
     # Decodes, a group of similar context lengths at a time (each padded to its longest).
     groups = meta.decode_groups
@@ -206,7 +240,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for rows, num_keys in groups:
         key_index = torch.arange(num_keys, device=q.device)
         allowed = key_index < meta.context_lens[rows][:, None]  # [n, L]
-        out[rows] = _attend(q[rows][:, None], k_cache, v_cache, slots(rows, num_keys), allowed[:, None], rotary,
+        out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None, k_cache,
+                            v_cache, slots(rows, num_keys), allowed[:, None], sink_lens(rows), meta.max_sink_len,
                             scale)[:, 0]
     if num_decode < meta.num_seqs:
         starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
@@ -216,8 +251,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         seq_of_token = torch.repeat_interleave(torch.arange(num_prefill, device=q.device), q_lens)  # [Tp]
         offset_of_token = torch.arange(num_tokens, device=q.device) - starts[seq_of_token]  # [Tp]
         max_q = meta.max_query_len
-        padded_q = q.new_zeros(num_prefill, max_q, *q.shape[1:])  # [Bp, Qmax, Hq, D]
-        padded_q[seq_of_token, offset_of_token] = q[num_decode:]
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [Tp, Hq, D] -> [Bp, Qmax, Hq, D]
+            out = x.new_zeros(num_prefill, max_q, *x.shape[1:])
+            out[seq_of_token, offset_of_token] = x
+            return out
+
         # Padding queries get position -1: they see nothing and are dropped below.
         query_pos = torch.full((num_prefill, max_q), -1, dtype=torch.int64, device=q.device)
         query_pos[seq_of_token, offset_of_token] = meta.positions[num_decode:]
@@ -226,7 +265,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         allowed = key_index <= query_pos[:, :, None]  # [Bp, Qmax, L]
         # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
         allowed[:, :, 0] |= query_pos < 0
-        padded_out = _attend(padded_q, k_cache, v_cache, slots(slice(num_decode, None), num_keys),
-                             allowed, rotary, scale)
+        prefill = slice(num_decode, None)
+        padded_out = _attend(padded(q[num_decode:]), padded(q_sink[num_decode:]) if q_sink is not None else None,
+                             k_cache, v_cache, slots(prefill, num_keys), allowed, sink_lens(prefill),
+                             meta.max_sink_len, scale)
         out[num_decode:] = padded_out[seq_of_token, offset_of_token]
     return out

@@ -20,11 +20,11 @@ from collections.abc import Callable
 import torch
 
 from model.attention import AttentionMetadata, paged_attention, write_kv
-from model.rotary import RotaryEmbedding
 
 BACKENDS = ("auto", "torch", "triton")
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, RotaryEmbedding, float],
+# (q, q_sink, k_cache, v_cache, meta, scale) -> out: see model/attention.py.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, AttentionMetadata, float],
                        torch.Tensor]
 WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 

@@ -11,7 +11,8 @@ Everything a graph reads lives in static buffers sized for the largest batch; a 
 metadata into them and replays. The attention metadata of a graph has fixed Python ints
 (`max_decode_context_len = max_model_len`), so the decode kernel's grid is fixed too: its
 programs for context partitions past a sequence's length return at once. Sink lengths and gaps
-are always passed (zeros for sequences without eviction), so one graph serves both.
+and absolute (RoPE) positions are always passed (zeros and cache positions for sequences
+without eviction), so one graph serves both, and its forward always forms the sink query.
 
 Graphs need the Triton backend (its K/V write skips the padding rows' negative slots). With
 `capture=False` the same padded forward runs eagerly: that is how the padding logic is tested
@@ -54,6 +55,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size) + 1
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)  # [Bmax]
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)  # [Bmax]
+        self.rope_positions = torch.zeros(max_batch, dtype=torch.int64, device=device)  # [Bmax]
         self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)  # [Bmax]
         self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int64, device=device)  # [Bmax]
@@ -71,25 +73,30 @@ class DecodeGraphs:
                 and all(len(table) <= self.max_blocks for table in block_tables))
 
     def run(self, token_ids: list[int], context_lens: list[int], block_tables: list[list[int]],
-            sink_lens: list[int] | None, sink_gaps: list[int] | None) -> torch.Tensor:
+            sink_lens: list[int] | None, sink_gaps: list[int] | None,
+            num_evicted: list[int] | None = None) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode-only step (valid until the next run)."""
         num_seqs = len(token_ids)
         size = next(s for s in self.sizes if s >= num_seqs)
         meta = AttentionMetadata.build([1] * num_seqs, context_lens, block_tables, self.block_size, "cpu",
-                                       sink_lens, sink_gaps)
+                                       sink_lens, sink_gaps, num_evicted)
         width = meta.block_tables.shape[1]
         # Real rows from the step, padding rows reset (a previous larger step may have left data).
         self.input_ids[:num_seqs].copy_(torch.tensor(token_ids, dtype=torch.int64), non_blocking=True)
         self.positions[:num_seqs].copy_(meta.positions, non_blocking=True)
+        rope_positions = meta.rope_positions if meta.rope_positions is not None else meta.positions
+        self.rope_positions[:num_seqs].copy_(rope_positions, non_blocking=True)
         self.slot_mapping[:num_seqs].copy_(meta.slot_mapping, non_blocking=True)
         self.block_tables[:num_seqs, :width].copy_(meta.block_tables, non_blocking=True)
         self.block_tables[:num_seqs, width:].zero_()
         self.context_lens[:num_seqs].copy_(meta.context_lens, non_blocking=True)
-        if meta.sink_gaps is not None:
+        if meta.sink_lens is not None:
             self.sink_lens[:num_seqs].copy_(meta.sink_lens, non_blocking=True)
-            self.sink_gaps[:num_seqs].copy_(meta.sink_gaps, non_blocking=True)
         else:
             self.sink_lens[:num_seqs].zero_()
+        if meta.sink_gaps is not None:
+            self.sink_gaps[:num_seqs].copy_(meta.sink_gaps, non_blocking=True)
+        else:
             self.sink_gaps[:num_seqs].zero_()
         self._reset_padding(num_seqs, size)
         if size in self.graphs:
@@ -100,6 +107,7 @@ class DecodeGraphs:
     def _reset_padding(self, start: int, end: int) -> None:
         self.input_ids[start:end].zero_()
         self.positions[start:end].zero_()
+        self.rope_positions[start:end].zero_()
         self.slot_mapping[start:end].fill_(-1)
         self.block_tables[start:end].zero_()
         self.context_lens[start:end].fill_(1)
@@ -112,7 +120,8 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
             query_start_loc=self.query_start_loc[:size + 1], num_decode_seqs=size, max_query_len=1,
             max_decode_context_len=self.max_model_len, max_prefill_context_len=0,
-            sink_lens=self.sink_lens[:size], sink_gaps=self.sink_gaps[:size])
+            rope_positions=self.rope_positions[:size], sink_lens=self.sink_lens[:size],
+            sink_gaps=self.sink_gaps[:size], max_sink_len=self.max_model_len)
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self._meta(size), self.kv_caches)  # [size, hidden]

@@ -8,6 +8,8 @@ Hugging Face's `LlamaForCausalLM`, so checkpoints load by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from model.attention import AttentionMetadata, paged_attention, write_kv
 from model.attention_backend import attention_functions
 from model.config import ModelConfig
-from model.rotary import RotaryEmbedding
+from model.rotary import RotaryEmbedding, apply_rotary
 
 # One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -33,8 +35,26 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+@dataclass
+class RopeAngles:
+    """cos and sin [T, head_dim // 2] of one forward's new tokens, computed once for every layer:
+    at their absolute positions (q and k), and at their cache positions (the sink query; None
+    when the batch has no evictions, where the two agree). See model/attention.py."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    sink_cos: torch.Tensor | None = None
+    sink_sin: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, rotary: RotaryEmbedding, meta: AttentionMetadata, dtype: torch.dtype) -> "RopeAngles":
+        if meta.rope_positions is None:
+            return cls(*rotary.cos_sin(meta.positions, dtype))
+        return cls(*rotary.cos_sin(meta.rope_positions, dtype), *rotary.cos_sin(meta.positions, dtype))
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -46,20 +66,21 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
-        self.rotary = rotary
         # The PyTorch reference until LlamaForCausalLM.set_attention_backend picks another.
         self.write_kv, self.paged_attention = write_kv, paged_attention
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                rope: RopeAngles) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         k_cache, v_cache = kv_cache
-        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # keys stored before RoPE
-        q = self.rotary.rotate(q, meta.positions)
-        out = self.paged_attention(q, k_cache, v_cache, meta, self.rotary, self.scale)  # [T, Hq, D]
+        # Keys are stored rotated at their absolute positions and never rotated again.
+        self.write_kv(k_cache, v_cache, apply_rotary(k, rope.cos, rope.sin), v, meta.slot_mapping)
+        q_sink = apply_rotary(q, rope.sink_cos, rope.sink_sin) if rope.sink_cos is not None else None
+        q = apply_rotary(q, rope.cos, rope.sin)
+        out = self.paged_attention(q, q_sink, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -76,16 +97,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache)
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                rope: RopeAngles) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -95,16 +116,16 @@ class LlamaModel(nn.Module):
         # Uninitialised (the loader fills it): a random init on the meta device would import
         # torch._dynamo, 2 s of every model load.
         self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
-        # One rotary module shared by every layer; a buffer, not a parameter.
+        # One rotary module for every layer (its angles are computed once per forward).
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
-        rotary = self.rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCache) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = RopeAngles.of(self.rotary, meta, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, meta, kv_cache)
+            x = layer(x, meta, kv_cache, rope)
         return self.norm(x)
 
 

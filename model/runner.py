@@ -40,6 +40,7 @@ class ModelInput:
     prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
     sink_lens: list[int] | None = None  # per sequence, for StreamingLLM eviction (attention.py)
     sink_gaps: list[int] | None = None
+    num_evicted: list[int] | None = None  # per sequence: tokens evicted, absolute = cache position + this
 
 
 @dataclass
@@ -83,12 +84,13 @@ class ModelRunner:
         if graphs is not None and not inp.prompt_logprobs and graphs.can_run(inp.query_lens, inp.block_tables):
             # Decode only: one token per sequence, so row i of hidden is sequence i's last token.
             hidden = graphs.run(inp.token_ids, inp.context_lens, inp.block_tables, inp.sink_lens,
-                                inp.sink_gaps)  # [B, hidden]
+                                inp.sink_gaps, inp.num_evicted)  # [B, hidden]
             prompt_logprobs = []
             last_token = None
         else:
             meta = AttentionMetadata.build(inp.query_lens, inp.context_lens, inp.block_tables,
-                                           self.block_size, self.device, inp.sink_lens, inp.sink_gaps)
+                                           self.block_size, self.device, inp.sink_lens, inp.sink_gaps,
+                                           inp.num_evicted)
             input_ids = torch.tensor(inp.token_ids, dtype=torch.int64, device=self.device)
             hidden = self.model(input_ids, meta, self.kv_caches)  # [T, hidden]
             prompt_logprobs = [self._prompt_logprobs(hidden, meta, req) for req in inp.prompt_logprobs]

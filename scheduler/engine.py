@@ -388,7 +388,7 @@ class Engine:
 
     def _model_input(self, batch: ScheduledBatch) -> ModelInput:
         token_ids, context_lens, tables, prompt_lps = [], [], [], []
-        sink_lens, sink_gaps = [], []
+        sink_lens, sink_gaps, num_evicted = [], [], []
         for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
             token_ids.extend(request.token_ids[start:start + num_new])
@@ -396,6 +396,7 @@ class Engine:
             tables.append(self.block_manager.block_table(request.request_id))
             sink_lens.append(request.sink_policy.num_sinks if request.sink_policy else 0)
             sink_gaps.append(request.sink_gap)
+            num_evicted.append(request.num_evicted_tokens)
             wanted = request.params.prompt_logprobs
             if wanted is not None and request.num_output_tokens == 0:
                 # Chunk token j predicts prompt token start + j + 1.
@@ -408,7 +409,7 @@ class Engine:
             block_tables=tables, sample_seq_indices=[row for _, row in batch.samplers], sampling_rows=rows,
             banned_token_ids=[self.output_processor.banned_token_ids(r) for r, _ in batch.samplers],
             blocks_to_copy=batch.blocks_to_copy, prompt_logprobs=prompt_lps,
-            sink_lens=sink_lens, sink_gaps=sink_gaps,
+            sink_lens=sink_lens, sink_gaps=sink_gaps, num_evicted=num_evicted,
         )
 
     def _sampling_row(self, request: Request) -> SamplingRow:
