@@ -19,9 +19,10 @@ rewritten, and no key is rotated on read (DESIGN.md, option d).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 
@@ -52,6 +53,7 @@ class AttentionMetadata:
     # Decode rows grouped by context length for the reference attention, each group padded only
     # to its own longest context: (row indices [n], longest context). None: one group of all.
     decode_groups: list[tuple[torch.Tensor, int]] | None = None
+    reference_plan: object = field(default=None, repr=False)  # built by the reference attention
 
     @property
     def num_seqs(self) -> int:
@@ -171,12 +173,62 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])[slots]
 
 
+class _ReferencePlan:
+    """What the reference attention of one forward reads, the same at every layer: built at the
+    first layer and kept on the metadata. Per attention call (a decode group, or the prefill
+    chunks padded to the longest): the rows, their key slots [n, L], and which keys each query
+    may see, `allowed` [n, Q, L]."""
+
+    def __init__(self, meta: AttentionMetadata, block_size: int, device: torch.device):
+        self.calls: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        num_decode = meta.num_decode_seqs
+        # Decodes, a group of similar context lengths at a time (each padded to its longest).
+        groups = meta.decode_groups
+        if groups is None:
+            groups = [(slice(0, num_decode), meta.max_decode_context_len)] if num_decode else []
+        for rows, num_keys in groups:
+            key_index = torch.arange(num_keys, device=device)
+            allowed = key_index < meta.context_lens[rows][:, None]  # [n, L]
+            self.calls.append((rows, self._slots(meta, rows, num_keys, block_size), allowed[:, None]))
+        self.prefill = None
+        if num_decode < meta.num_seqs:
+            starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
+            q_lens = starts[1:] - starts[:-1]  # [Bp]
+            num_prefill = q_lens.shape[0]
+            num_tokens = int(starts[-1])
+            seq_of_token = torch.repeat_interleave(torch.arange(num_prefill, device=device), q_lens)  # [Tp]
+            offset_of_token = torch.arange(num_tokens, device=device) - starts[seq_of_token]  # [Tp]
+            # Padding queries get position -1: they see nothing and are dropped.
+            query_pos = torch.full((num_prefill, meta.max_query_len), -1, dtype=torch.int64, device=device)
+            query_pos[seq_of_token, offset_of_token] = meta.positions[num_decode:]
+            num_keys = meta.max_prefill_context_len
+            allowed = torch.arange(num_keys, device=device) <= query_pos[:, :, None]  # [Bp, Qmax, L]
+            # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
+            allowed[:, :, 0] |= query_pos < 0
+            rows = slice(num_decode, None)
+            self.prefill = (seq_of_token, offset_of_token)
+            self.calls.append((rows, self._slots(meta, rows, num_keys, block_size), allowed))
+
+    @staticmethod
+    def _slots(meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
+        sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
+        gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
+        return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, block_size: int, device: torch.device) -> "_ReferencePlan":
+        plan = meta.reference_plan
+        if plan is None:
+            plan = meta.reference_plan = cls(meta, block_size, device)
+        return plan
+
+
 def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """q [B, Q, Hq, D] -> [B, Hkv, G*Q, D]: each KV head's query heads as rows of one matrix."""
+    """q [B, Q, Hq, D] -> [B, Hkv, Q*G, D]: each KV head's query heads as the rows of one matrix,
+    query-major (row q * G + g)."""
     num_seqs, num_queries, num_heads, head_dim = q.shape
-    group = num_heads // num_kv_heads
-    q = q.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    return q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)
+    q = q.view(num_seqs, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(1, 2)
+    return q.reshape(num_seqs, num_kv_heads, -1, head_dim)
 
 
 def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -188,25 +240,27 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
     allowed [B, Q, L] says which keys each query may see. Returns [B, Q, Hq, D].
     """
     num_seqs, num_queries, num_heads, head_dim = q.shape
-    num_keys = slots.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_kv(k_cache, slots).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    values = gather_kv(v_cache, slots).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    keys = gather_kv(k_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
+    values = gather_kv(v_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
-    scores = torch.matmul(_grouped(q, num_kv_heads), keys).float() * scale  # [B, Hkv, G*Q, L]
+    q_rows = _grouped(q, num_kv_heads)  # [B, Hkv, Q*G, D]
+    mask = allowed.repeat_interleave(group, dim=1)[:, None] if group > 1 and num_queries > 1 else allowed[:, None]
     if q_sink is not None and max_sink_len:
-        num_sink = min(max_sink_len, num_keys)
-        sink_scores = torch.matmul(_grouped(q_sink, num_kv_heads), keys[..., :num_sink]).float() * scale
+        # The sink keys' scores come from q_sink: added to the mask as the difference to q's.
+        num_sink = min(max_sink_len, keys.shape[2])
+        sink_keys = keys[:, :, :num_sink].transpose(2, 3)  # [B, Hkv, D, S]
+        correction = torch.matmul(_grouped(q_sink, num_kv_heads), sink_keys).float()
+        correction -= torch.matmul(q_rows, sink_keys).float()  # [B, Hkv, Q*G, S]
         is_sink = torch.arange(num_sink, device=q.device) < sink_lens[:, None]  # [B, S]
-        scores[..., :num_sink] = torch.where(is_sink[:, None, None], sink_scores, scores[..., :num_sink])
-    scores = scores.view(num_seqs, num_kv_heads, group, num_queries, num_keys)
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    probs = probs.view(num_seqs, num_kv_heads, group * num_queries, num_keys)
-    out = torch.matmul(probs, values)  # [B, Hkv, G*Q, D]
-    out = out.view(num_seqs, num_kv_heads, group, num_queries, head_dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(num_seqs, num_queries, num_heads, head_dim)
+        bias = torch.zeros(q_rows.shape[:-1] + keys.shape[2:3], dtype=q.dtype, device=q.device)  # [B, Hkv, Q*G, L]
+        bias.masked_fill_(~mask, float("-inf"))
+        bias[..., :num_sink] += (correction * scale).masked_fill(~is_sink[:, None, None], 0.0).to(q.dtype)
+        mask = bias  # [B, Hkv, Q*G, L]
+    out = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, Q*G, D]
+    out = out.view(num_seqs, num_kv_heads, num_queries, group, head_dim).transpose(1, 2)
+    return out.reshape(num_seqs, num_queries, num_heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -217,57 +271,29 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     scores the sink keys (None: the batch has no evictions, q_sink would equal q).
     Batched over sequences: decodes in a few calls, each over a group of similar context lengths
     padded to its longest (`meta.decode_groups`), prefill chunks in one call padded to the
-    longest chunk. Each query sees the cache entries at or before its position. Returns [T, Hq, D].
+    longest chunk; each call gathers its keys and values and runs PyTorch's
+    scaled_dot_product_attention. Each query sees the cache entries at or before its
+    position. Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
-    block_size = k_cache.shape[1]
+    plan = _ReferencePlan.of(meta, k_cache.shape[1], q.device)
     if meta.rope_positions is None:
         q_sink = None
-
-    def slots(rows: slice | torch.Tensor, num_keys: int) -> torch.Tensor:
-        sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
-        gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
-        return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
-
-    def sink_lens(rows: slice | torch.Tensor) -> torch.Tensor | None:
-        return meta.sink_lens[rows] if q_sink is not None else None
-
-    # Decodes, a group of similar context lengths at a time (each padded to its longest).
-    groups = meta.decode_groups
-    if groups is None:
-        groups = [(slice(0, num_decode), meta.max_decode_context_len)] if num_decode else []
-    for rows, num_keys in groups:
-        key_index = torch.arange(num_keys, device=q.device)
-        allowed = key_index < meta.context_lens[rows][:, None]  # [n, L]
-        out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None, k_cache,
-                            v_cache, slots(rows, num_keys), allowed[:, None], sink_lens(rows), meta.max_sink_len,
-                            scale)[:, 0]
-    if num_decode < meta.num_seqs:
-        starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
-        q_lens = starts[1:] - starts[:-1]  # [Bp]
-        num_prefill = q_lens.shape[0]
-        num_tokens = q.shape[0] - num_decode
-        seq_of_token = torch.repeat_interleave(torch.arange(num_prefill, device=q.device), q_lens)  # [Tp]
-        offset_of_token = torch.arange(num_tokens, device=q.device) - starts[seq_of_token]  # [Tp]
-        max_q = meta.max_query_len
+    for rows, slots, allowed in plan.calls:
+        sink_lens = meta.sink_lens[rows] if q_sink is not None else None
+        if rows is not plan.calls[-1][0] or plan.prefill is None:  # a decode group: one query each
+            out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
+                                k_cache, v_cache, slots, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
+            continue
+        seq_of_token, offset_of_token = plan.prefill
 
         def padded(x: torch.Tensor) -> torch.Tensor:  # [Tp, Hq, D] -> [Bp, Qmax, Hq, D]
-            out = x.new_zeros(num_prefill, max_q, *x.shape[1:])
-            out[seq_of_token, offset_of_token] = x
-            return out
+            padded_x = x.new_zeros(allowed.shape[:2] + x.shape[1:])
+            padded_x[seq_of_token, offset_of_token] = x
+            return padded_x
 
-        # Padding queries get position -1: they see nothing and are dropped below.
-        query_pos = torch.full((num_prefill, max_q), -1, dtype=torch.int64, device=q.device)
-        query_pos[seq_of_token, offset_of_token] = meta.positions[num_decode:]
-        num_keys = meta.max_prefill_context_len
-        key_index = torch.arange(num_keys, device=q.device)
-        allowed = key_index <= query_pos[:, :, None]  # [Bp, Qmax, L]
-        # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
-        allowed[:, :, 0] |= query_pos < 0
-        prefill = slice(num_decode, None)
         padded_out = _attend(padded(q[num_decode:]), padded(q_sink[num_decode:]) if q_sink is not None else None,
-                             k_cache, v_cache, slots(prefill, num_keys), allowed, sink_lens(prefill),
-                             meta.max_sink_len, scale)
+                             k_cache, v_cache, slots, allowed, sink_lens, meta.max_sink_len, scale)
         out[num_decode:] = padded_out[seq_of_token, offset_of_token]
     return out

@@ -62,9 +62,10 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         bias = config.attention_bias
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q_proj, k_proj and v_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         # The PyTorch reference until LlamaForCausalLM.set_attention_backend picks another.
         self.write_kv, self.paged_attention = write_kv, paged_attention
@@ -72,9 +73,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 rope: RopeAngles) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         k_cache, v_cache = kv_cache
         # Keys are stored rotated at their absolute positions and never rotated again.
         self.write_kv(k_cache, v_cache, apply_rotary(k, rope.cos, rope.sin), v, meta.slot_mapping)
@@ -88,12 +90,13 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        # gate_proj and up_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -146,6 +149,27 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCache) -> torch.Tensor:
         """Hidden states [T, hidden] of the new tokens; their K/V are written into kv_caches."""
         return self.model(input_ids, meta, kv_caches)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under their Hugging Face checkpoint names, the stacked projections
+        as views of their parts (q_proj, k_proj, v_proj; gate_proj, up_proj): what a loader fills.
+        A tied lm_head appears once, as the embedding."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            prefix, _, kind = name.rpartition(".")  # kind: weight or bias
+            if prefix.endswith(".qkv_proj"):
+                attn = prefix.removesuffix(".qkv_proj")
+                q, k, v = param.split([self.config.num_attention_heads * self.config.head_dim,
+                                       self.config.num_key_value_heads * self.config.head_dim,
+                                       self.config.num_key_value_heads * self.config.head_dim])
+                tensors.update({f"{attn}.q_proj.{kind}": q, f"{attn}.k_proj.{kind}": k, f"{attn}.v_proj.{kind}": v})
+            elif prefix.endswith(".gate_up_proj"):
+                mlp = prefix.removesuffix(".gate_up_proj")
+                gate, up = param.chunk(2)
+                tensors.update({f"{mlp}.gate_proj.{kind}": gate, f"{mlp}.up_proj.{kind}": up})
+            else:
+                tensors[name] = param
+        return tensors
 
     def set_attention_backend(self, backend: str) -> None:
         """Run attention with a resolved backend, `torch` or `triton` (model/attention_backend.py)."""

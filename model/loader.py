@@ -113,7 +113,7 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
-    params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
+    params = model.checkpoint_tensors()
     loaded: set[str] = set()
     for path in checkpoint_files(model_dir):
         for name, tensor in _read_tensors(path):
@@ -130,13 +130,13 @@ def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
 def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
     from model.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf, release_gguf
 
-    params = dict(model.named_parameters())
+    params = model.checkpoint_tensors()
     # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).
     targets = {**params, INV_FREQ: model.model.rotary.inv_freq}
     loaded: set[str] = set()
     for name, tensor in gguf_tensors(open_gguf(gguf_file), model.config):
         target = _checked_target(targets, model.config, gguf_file.name, name, tensor, "the GGUF metadata")
-        if name in params and tensor.dtype == target.dtype and tensor.device == target.device:
+        if isinstance(target, torch.nn.Parameter) and tensor.dtype == target.dtype and tensor.device == target.device:
             target.data = tensor  # freshly dequantized: adopting it spares a copy into untouched memory
         else:
             target.copy_(tensor)

@@ -52,7 +52,7 @@ def test_dummy_load_format_needs_no_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     model = load_model(tmp_path, load_format="dummy")
     assert torch.isfinite(_logits(model)).all()
-    assert model.model.layers[0].self_attn.q_proj.weight.std() > 0.01
+    assert model.model.layers[0].self_attn.qkv_proj.weight.std() > 0.01
     assert (model.model.norm.weight == 1).all()
 
 

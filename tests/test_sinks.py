@@ -99,9 +99,10 @@ def dense_reference(model, tokens: list[int], policy: SinkPolicy | None) -> torc
         for i, layer in enumerate(ref.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(cfg.num_attention_heads, cfg.head_dim)
-            kept_k[i] = torch.cat([kept_k[i], attn.k_proj(h).view(1, cfg.num_key_value_heads, cfg.head_dim)])
-            kept_v[i] = torch.cat([kept_v[i], attn.v_proj(h).view(1, cfg.num_key_value_heads, cfg.head_dim)])
+            q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q = q.view(cfg.num_attention_heads, cfg.head_dim)
+            kept_k[i] = torch.cat([kept_k[i], k.view(1, cfg.num_key_value_heads, cfg.head_dim)])
+            kept_v[i] = torch.cat([kept_v[i], v.view(1, cfg.num_key_value_heads, cfg.head_dim)])
             length = kept_k[i].shape[0]
             keys = rotary.rotate(kept_k[i], torch.arange(length))  # [L, Hkv, D]
             query = rotary.rotate(q[None], torch.tensor([length - 1]))[0]  # [Hq, D]
