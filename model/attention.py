@@ -156,40 +156,36 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int, sink_lens: torch.Tensor | None,
-              sink_gaps: torch.Tensor | None) -> torch.Tensor:
-    """Pool slots [B, num_keys] of each sequence's first num_keys cache entries."""
-    key_index = torch.arange(num_keys, device=block_tables.device)[None, :]  # [1, L]
-    if sink_gaps is not None:
-        key_index = key_index + sink_gaps[:, None] * (key_index >= sink_lens[:, None])  # [B, L]
-        # Keys past a short sequence's end are masked out; keep their index inside its table.
-        key_index = key_index.clamp(max=block_tables.shape[1] * block_size - 1)
-    block = torch.gather(block_tables, 1, (key_index // block_size).expand(block_tables.shape[0], -1))
-    return block * block_size + key_index % block_size
-
-
-def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Cache entries at slots [B, L]: [B, L, num_kv_heads, head_dim]."""
-    return cache.view(-1, *cache.shape[2:])[slots]
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The whole blocks block_ids [B, nb] of a pool: [B, nb * block_size, num_kv_heads, head_dim],
+    slot index i of a row at block i // block_size, offset i % block_size."""
+    num_seqs, num_blocks = block_ids.shape
+    return cache.index_select(0, block_ids.flatten()).view(num_seqs, num_blocks * cache.shape[1], *cache.shape[2:])
 
 
 class _ReferencePlan:
     """What the reference attention of one forward reads, the same at every layer: built at the
-    first layer and kept on the metadata. Per attention call (a decode group, or the prefill
-    chunks padded to the longest): the rows, their key slots [n, L], and which keys each query
-    may see, `allowed` [n, Q, L]."""
+    first layer and kept on the metadata.
+
+    Attention runs over whole blocks of each sequence's table (a block gather is one contiguous
+    copy per block), in slot space: slot index i of sequence s holds its key
+    j = i - sink_gap * (i >= sink_len), and the sink gap's slots hold none. Keys are stored
+    rotated, so a key's slot index does not matter, only whether a query may see it. Per call
+    (a decode group, or the prefill chunks padded to the longest): the rows, their block ids
+    [n, nb], and `allowed` [n, Q, nb * block_size]."""
 
     def __init__(self, meta: AttentionMetadata, block_size: int, device: torch.device):
         self.calls: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.block_size = block_size
         num_decode = meta.num_decode_seqs
         # Decodes, a group of similar context lengths at a time (each padded to its longest).
         groups = meta.decode_groups
         if groups is None:
             groups = [(slice(0, num_decode), meta.max_decode_context_len)] if num_decode else []
         for rows, num_keys in groups:
-            key_index = torch.arange(num_keys, device=device)
-            allowed = key_index < meta.context_lens[rows][:, None]  # [n, L]
-            self.calls.append((rows, self._slots(meta, rows, num_keys, block_size), allowed[:, None]))
+            block_ids, key_of_slot = self._blocks(meta, rows, num_keys)  # key_of_slot [n, L]
+            allowed = key_of_slot < meta.context_lens[rows][:, None]  # [n, L]
+            self.calls.append((rows, block_ids, allowed[:, None]))
         self.prefill = None
         if num_decode < meta.num_seqs:
             starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
@@ -201,19 +197,30 @@ class _ReferencePlan:
             # Padding queries get position -1: they see nothing and are dropped.
             query_pos = torch.full((num_prefill, meta.max_query_len), -1, dtype=torch.int64, device=device)
             query_pos[seq_of_token, offset_of_token] = meta.positions[num_decode:]
-            num_keys = meta.max_prefill_context_len
-            allowed = torch.arange(num_keys, device=device) <= query_pos[:, :, None]  # [Bp, Qmax, L]
-            # A padding row with every key masked would softmax to NaN; let it see key 0 instead.
-            allowed[:, :, 0] |= query_pos < 0
             rows = slice(num_decode, None)
+            block_ids, key_of_slot = self._blocks(meta, rows, meta.max_prefill_context_len)
+            allowed = key_of_slot[:, None, :] <= query_pos[:, :, None]  # [Bp, Qmax, L]
+            # A padding row with every key masked would softmax to NaN; let it see slot 0 instead.
+            allowed[:, :, 0] |= query_pos < 0
             self.prefill = (seq_of_token, offset_of_token)
-            self.calls.append((rows, self._slots(meta, rows, num_keys, block_size), allowed))
+            self.calls.append((rows, block_ids, allowed))
 
-    @staticmethod
-    def _slots(meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
-        sinks = meta.sink_lens[rows] if meta.sink_gaps is not None else None
-        gaps = meta.sink_gaps[rows] if meta.sink_gaps is not None else None
-        return key_slots(meta.block_tables[rows], num_keys, block_size, sinks, gaps)
+    def _blocks(self, meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ids [n, nb] holding the rows' first num_keys keys, and the key index of every
+        slot [n, nb * block_size] (a huge number for the slots of a sink gap: no one sees them)."""
+        max_gap = 0
+        if meta.sink_gaps is not None:
+            max_gap = int(meta.sink_gaps[rows].max())
+        num_blocks = min(-(-(num_keys + max_gap) // self.block_size), meta.block_tables.shape[1])
+        block_ids = meta.block_tables[rows, :num_blocks]  # [n, nb]
+        slot = torch.arange(num_blocks * self.block_size, device=block_ids.device)[None, :]  # [1, L]
+        if not max_gap:
+            return block_ids, slot
+        sinks, gaps = meta.sink_lens[rows][:, None], meta.sink_gaps[rows][:, None]  # [n, 1]
+        key_of_slot = torch.where(slot < sinks, slot, slot - gaps)  # [n, L]
+        in_gap = (slot >= sinks) & (slot < sinks + gaps)
+        return block_ids, key_of_slot.masked_fill(in_gap, torch.iinfo(torch.int64).max)
 
     @classmethod
     def of(cls, meta: AttentionMetadata, block_size: int, device: torch.device) -> "_ReferencePlan":
@@ -232,18 +239,19 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            slots: torch.Tensor, allowed: torch.Tensor, sink_lens: torch.Tensor | None, max_sink_len: int,
+            block_ids: torch.Tensor, allowed: torch.Tensor, sink_lens: torch.Tensor | None, max_sink_len: int,
             scale: float) -> torch.Tensor:
-    """q [B, Q, Hq, D] over the cache entries at slots [B, L]; q_sink (same shape, or None) scores
-    each sequence's first sink_lens [B] keys instead of q.
+    """q [B, Q, Hq, D] over the slots of blocks block_ids [B, nb] (L = nb * block_size slots);
+    q_sink (same shape, or None) scores each sequence's first sink_lens [B] slots (its sinks)
+    instead of q.
 
-    allowed [B, Q, L] says which keys each query may see. Returns [B, Q, Hq, D].
+    allowed [B, Q, L] says which slots each query may see. Returns [B, Q, Hq, D].
     """
     num_seqs, num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_kv(k_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
-    values = gather_kv(v_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
+    keys = gather_blocks(k_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D]
+    values = gather_blocks(v_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
     q_rows = _grouped(q, num_kv_heads)  # [B, Hkv, Q*G, D]
     mask = allowed.repeat_interleave(group, dim=1)[:, None] if group > 1 and num_queries > 1 else allowed[:, None]
@@ -271,8 +279,8 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     scores the sink keys (None: the batch has no evictions, q_sink would equal q).
     Batched over sequences: decodes in a few calls, each over a group of similar context lengths
     padded to its longest (`meta.decode_groups`), prefill chunks in one call padded to the
-    longest chunk; each call gathers its keys and values and runs PyTorch's
-    scaled_dot_product_attention. Each query sees the cache entries at or before its
+    longest chunk; each call gathers its sequences' blocks and runs PyTorch's
+    scaled_dot_product_attention over them. Each query sees the cache entries at or before its
     position. Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
@@ -280,11 +288,11 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     plan = _ReferencePlan.of(meta, k_cache.shape[1], q.device)
     if meta.rope_positions is None:
         q_sink = None
-    for rows, slots, allowed in plan.calls:
+    for rows, block_ids, allowed in plan.calls:
         sink_lens = meta.sink_lens[rows] if q_sink is not None else None
         if rows is not plan.calls[-1][0] or plan.prefill is None:  # a decode group: one query each
             out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
-                                k_cache, v_cache, slots, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
+                                k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
             continue
         seq_of_token, offset_of_token = plan.prefill
 
@@ -294,6 +302,6 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
             return padded_x
 
         padded_out = _attend(padded(q[num_decode:]), padded(q_sink[num_decode:]) if q_sink is not None else None,
-                             k_cache, v_cache, slots, allowed, sink_lens, meta.max_sink_len, scale)
+                             k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)
         out[num_decode:] = padded_out[seq_of_token, offset_of_token]
     return out

@@ -10,6 +10,9 @@ from model.attention import AttentionMetadata
 from model.cuda_graphs import DecodeGraphs
 from model.llama import LlamaForCausalLM
 from model.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs
+from model.sampling_params import SamplingParams
+
+PROBE_TOKENS = 3  # the probe's 2-token prefill, then its 1-token decode
 
 
 @dataclass
@@ -59,14 +62,20 @@ class ModelOutput:
 
 
 class ModelRunner:
-    """Owns the KV pool of one model and executes steps on it."""
+    """Owns the KV pool of one model and executes steps on it.
+
+    The pool's blocks 0..num_blocks-1 are the scheduler's; past them lie the scratch blocks
+    that `probe()` writes, which no request ever uses.
+    """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.lm_head.weight.device
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        num_probe_blocks = -(-PROBE_TOKENS // block_size)
+        self.kv_caches = model.allocate_kv_cache(num_blocks + num_probe_blocks, block_size)
+        self._probe_table = list(range(num_blocks, num_blocks + num_probe_blocks))
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -106,6 +115,16 @@ class ModelRunner:
             index = torch.tensor(banned, device=self.device)
             logits[index[:, 0], index[:, 1]] = float("-inf")
         return ModelOutput(self.sampler(logits, inp.sampling_rows), prompt_logprobs)
+
+    def probe(self, token_id: int) -> None:
+        """Run a 2-token prefill of `token_id`, then a 1-token decode, on the scratch blocks: the
+        two paths of a step, CUDA graphs included. Raises if either fails (a broken runner)."""
+        greedy = [SamplingRow(SamplingParams(temperature=0.0))]
+        for token_ids, context_len in (([token_id, token_id], 2), ([token_id], PROBE_TOKENS)):
+            self.execute(ModelInput(
+                token_ids=token_ids, query_lens=[len(token_ids)], context_lens=[context_len],
+                block_tables=[self._probe_table], sample_seq_indices=[0], sampling_rows=greedy,
+                banned_token_ids=[[]], sink_lens=[0], sink_gaps=[0], num_evicted=[0]))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, meta: AttentionMetadata,
                          req: PromptLogprobRequest) -> PromptLogprobs:

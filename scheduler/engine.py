@@ -10,8 +10,8 @@ until it samples a token, at most MAX_SOLO_STEPS steps): one that fails alone is
 others go back to batching. Their caches stay: the failed step committed nothing, and its
 slots are rewritten by the retry (a request whose step also copied a shared block, or whose
 n completions forked in it, is set back further, see `_isolate`). A failure alone is followed
-by probe steps on scratch blocks (a short prefill and a decode): if one fails too, the
-engine itself is broken and `step()` raises. A request in MAX_FAULTS rounds that found no
+by the runner's probe on its scratch blocks (a short prefill and a decode, `ModelRunner.probe`):
+if it fails too, the engine itself is broken and `step()` raises. A request in MAX_FAULTS rounds that found no
 culprit (the fault needs a batch) is failed.
 """
 
@@ -22,13 +22,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from model.attention_backend import resolve_backend
+from model.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
 from model.loader import load_model, model_config
 from model.model_path import resolve_model_path
 from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
@@ -36,7 +37,8 @@ from model.sampler import SamplerOutput, SamplingRow
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer, check_vocab_size
 from scheduler.block_manager import BlockManager
-from scheduler.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
+from scheduler.engine_config import EngineConfig
+from scheduler.engine_stats import EngineStats
 from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from scheduler.request import FinishReason, Request
 from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 MAX_FAULTS = 3
 MAX_SOLO_STEPS = 4
-PROBE_TOKENS = 3  # a 2-token prefill, then a 1-token decode
 
 
 class PromptTooLongError(ValueError):
@@ -81,67 +82,42 @@ class GenerationResult:
 
 
 class Engine:
-    """A model, its KV pool and a continuous-batching scheduler.
+    """A model, its KV pool and a continuous-batching scheduler, built from an EngineConfig."""
 
-    `model` is a Hugging Face directory, a GGUF file or an installed model's name
-    (model_path.py; None: the bundled stories260K). The KV pool holds
-    `num_kv_blocks` blocks when given; otherwise it is sized from memory (kv_sizing.py).
-    """
-
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        device: str = "auto",
-        dtype: str | torch.dtype = "auto",
-        *,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory: int = 1 << 30,
-        gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        enable_prefix_caching: bool = True,
-        session_ttl: float = 600.0,
-        attention_sinks: int = 4,
-        attention_window: int | None = None,
-        load_format: str = "auto",
-        seed: int = 0,
-        attention_backend: str | None = None,
-        enforce_eager: bool = False,
-    ):
+    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto",
+                 **options):
+        """`Engine(model, device, dtype, **options)` builds `EngineConfig(model, device, dtype,
+        **options)` (options: its other fields) and the engine from it."""
+        self.config = config = EngineConfig(model, device, dtype, **options)
         # Everything that can be wrong with the files is found before any weight is read.
-        self.model_path = resolve_model_path(model)
-        config = model_config(self.model_path)
+        self.model_path = resolve_model_path(config.model)
+        model_cfg = model_config(self.model_path)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
-        if load_format != "dummy":  # random weights belong to no tokenizer: only padded
-            check_vocab_size(self.tokenizer, config.vocab_size, str(self.model_path))
-        self.tokenizer.pad_vocab(config.vocab_size)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(self.model_path, self.dtype, self.device, load_format, seed)
-        self.attention_backend = resolve_backend(attention_backend, self.device, config.head_dim)
+        if config.load_format != "dummy":  # random weights belong to no tokenizer: only padded
+            check_vocab_size(self.tokenizer, model_cfg.vocab_size, str(self.model_path))
+        self.tokenizer.pad_vocab(model_cfg.vocab_size)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_model(self.model_path, self.dtype, self.device, config.load_format, config.seed)
+        self.attention_backend = resolve_backend(config.attention_backend, self.device, model_cfg.head_dim)
         self.model.set_attention_backend(self.attention_backend)
-        self.max_model_len = max_model_len or config.max_position_embeddings
-        if self.max_model_len > config.max_position_embeddings:
+        self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
+        if self.max_model_len > model_cfg.max_position_embeddings:
             logger.warning("max_model_len %d is past the model's context (%d): quality will degrade",
-                           self.max_model_len, config.max_position_embeddings)
-        self.block_size = block_size
-        self.attention_sinks, self.attention_window = attention_sinks, attention_window
+                           self.max_model_len, model_cfg.max_position_embeddings)
+        self.block_size = config.block_size
         self.sink_policy()  # refuse a bad default at startup
-        num_blocks = size_kv_pool(self.model, block_size, num_kv_blocks, kv_cache_memory,
-                                  gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        num_blocks = size_kv_pool(self.model, config.block_size, config.num_kv_blocks, config.kv_cache_memory,
+                                  config.gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens,
+                                  self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.block_manager,
-            session_ttl)
-        # Blocks past the pool: the scratch blocks of the probe steps (fault isolation).
-        probe_blocks = -(-PROBE_TOKENS // block_size)
-        self.runner = ModelRunner(self.model, num_blocks + probe_blocks, block_size)
-        self._probe_table = list(range(num_blocks, num_blocks + probe_blocks))
-        if self.device.type == "cuda" and self.attention_backend == "triton" and not enforce_eager:
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.block_manager, config.session_ttl)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
             try:
-                self.runner.use_decode_graphs(max_num_seqs, self.max_model_len)
+                self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len)
             except Exception:  # a driver or triton that cannot capture: run eagerly rather than not at all
                 logger.exception("CUDA graph capture failed; decode steps run eagerly")
                 self.runner.decode_graphs = None
@@ -149,7 +125,7 @@ class Engine:
         # Stop ids: the model's (generation_config.json or the GGUF), the tokenizer's EOS and the
         # end-of-turn tokens it knows of, as vLLM and llama.cpp stop.
         tokenizer_stops = (self.tokenizer.eos_token_id, *self.tokenizer.end_of_generation_ids)
-        self.stop_token_ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(i for i in tokenizer_stops
+        self.stop_token_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in tokenizer_stops
                                                                                if i is not None)))
         self.output_processor = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len)
         self._groups: dict[str, list[Request]] = {}
@@ -164,14 +140,18 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
+
     # -- the API the server drives ------------------------------------------------------------
 
     def sink_policy(self, attention_sinks: int | None = None, attention_window: int | None = None
                     ) -> SinkPolicy | None:
         """The StreamingLLM policy for a request's options; None takes the engine's setting, and
         a window of 0 (or none at all) means dense attention."""
-        sinks = self.attention_sinks if attention_sinks is None else attention_sinks
-        window = self.attention_window if attention_window is None else attention_window
+        sinks = self.config.attention_sinks if attention_sinks is None else attention_sinks
+        window = self.config.attention_window if attention_window is None else attention_window
         if not window:
             return None
         policy = SinkPolicy(sinks, window, self.block_size)
@@ -255,6 +235,16 @@ class Engine:
     def num_sessions(self) -> int:
         return len(self.scheduler.sessions)
 
+    def stats(self) -> EngineStats:
+        scheduler, blocks = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_kv_blocks_used=blocks.num_used_blocks, num_kv_blocks_total=blocks.num_blocks,
+            prefix_cache_queries=blocks.prefix_cache_queries, prefix_cache_hits=blocks.prefix_cache_hits,
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+            num_preemptions=scheduler.num_preemptions, num_sink_evictions=scheduler.num_evictions,
+            num_sessions=len(scheduler.sessions), num_session_reused_tokens=scheduler.sessions.num_reused_tokens)
+
     def expire_sessions(self) -> int:
         return self.scheduler.sessions.expire(time.monotonic())
 
@@ -335,7 +325,7 @@ class Engine:
         requests = batch.requests
         if len({r.group_id for r in requests}) == 1:
             self._culprit_found = True
-            self._check_engine()
+            self.runner.probe(self.tokenizer.bos_token_id or 0)  # raises if the engine itself is broken
             return self.fail(requests[0].group_id)
         for child in batch.forked:
             self.scheduler.unfork(child)
@@ -366,18 +356,6 @@ class Engine:
                                      request.num_faults)
                         self._pending_failures += self.fail(request.group_id)
         self._round = []
-
-    def _check_engine(self) -> None:
-        """Probe the engine on its scratch blocks: a 2-token prefill, then a 1-token decode (the
-        two paths of a step, CUDA graphs included). Raises if either fails: a broken engine,
-        not a bad request."""
-        bos = self.tokenizer.bos_token_id or 0
-        greedy = [SamplingRow(SamplingParams(temperature=0.0))]
-        for token_ids, context_len in (([bos, bos], 2), ([bos], 3)):
-            self.runner.execute(ModelInput(
-                token_ids=token_ids, query_lens=[len(token_ids)], context_lens=[context_len],
-                block_tables=[self._probe_table], sample_seq_indices=[0], sampling_rows=greedy,
-                banned_token_ids=[[]], sink_lens=[0], sink_gaps=[0]))
 
     def _expire_deadlines(self, now: float) -> list[RequestOutput]:
         outputs = []

@@ -8,9 +8,12 @@ several tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from model.tokenizer import Detokenizer, Tokenizer
 from scheduler.request import FinishReason, Request
+
+if TYPE_CHECKING:
+    from model.tokenizer import Detokenizer, Tokenizer
 
 
 @dataclass

@@ -44,6 +44,7 @@ class ScheduledBatch:
     samplers: list[tuple[Request, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # completions created this step (n > 1)
+    scheduled: set[Request] = field(default_factory=set)  # the requests and samplers above, never preempted
 
     @property
     def num_tokens(self) -> int:
@@ -72,10 +73,11 @@ class Scheduler:
 
     def finish_request(self, request: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         """Take a request out of the queues and free its blocks at once (idempotent)."""
-        if request in self.running:
+        if request.status is RequestStatus.WAITING:
+            if request in self.waiting:  # else not queued yet: nothing to take out
+                self.waiting.remove(request)
+        elif request in self.running:  # running, or already marked finished by the output processor
             self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
         if self.block_manager.has_seq(request.request_id):
             if request.session_id is None:
                 self.block_manager.free(request.request_id)
@@ -106,14 +108,16 @@ class Scheduler:
                 self._add(batch, request, num_new, copies)
                 budget -= num_new
         # Admit waiting requests in order while they fit; none after a preemption this step.
+        seats = self._num_seats()
         while (self.waiting and budget > 0 and self.num_preemptions == preemptions_before
-               and self._num_seats() + self.waiting[0].params.n <= self.config.max_num_seqs):
+               and seats + self.waiting[0].params.n <= self.config.max_num_seqs):
             request = self.waiting[0]
             admitted = self._admit(request, budget)
             if admitted is None:
                 break
             num_new, copies = admitted
             self.waiting.popleft()
+            seats += request.params.n if not request.forked else 1  # it, and the completions it will fork
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add(batch, request, num_new, copies)
@@ -180,14 +184,13 @@ class Scheduler:
         Requests already in this step's batch are never preempted. Returns None when the
         request itself had to be preempted.
         """
-        in_batch = {id(r) for r in batch.requests} | {id(r) for r, _ in batch.samplers}
         while True:
             copies = self.block_manager.allocate_slots(request.request_id, request.num_cache_slots, num_new)
             if copies is not None:
                 return copies
             if self.sessions.release_idle():
                 continue  # idle sessions go first
-            victim = next(r for r in reversed(self.running) if id(r) not in in_batch)
+            victim = next(r for r in reversed(self.running) if r not in batch.scheduled)
             self._preempt(victim)
             if victim is request:
                 return None
@@ -245,12 +248,14 @@ class Scheduler:
         batch.requests.append(request)
         batch.num_new_tokens.append(num_new)
         batch.blocks_to_copy.extend(copies)
+        batch.scheduled.add(request)
         if num_new == request.num_uncomputed_tokens:
             batch.samplers.append((request, row))
             if request.params.n > 1 and not request.forked:
                 for child in self._fork(request, num_computed=request.num_tokens):
                     batch.samplers.append((child, row))
                     batch.forked.append(child)
+                    batch.scheduled.add(child)
 
     def _fork(self, parent: Request, num_computed: int) -> list[Request]:
         """The parent's n-1 sibling completions, sharing its prompt blocks from this step on."""

@@ -23,6 +23,7 @@ from model.loader import CheckpointError
 from model.model_path import INSTALLED_MODELS, ModelPathError, default_model_name
 from model.tokenizer import TokenizerError
 from scheduler.engine import Engine
+from scheduler.engine_config import EngineConfig
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
 from server.chat_template import ChatTemplate, ChatTemplateError
@@ -141,20 +142,25 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def build_state(args: argparse.Namespace) -> ServerState:
-    engine = Engine(
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
         args.model, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=int(args.kv_cache_memory * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-        attention_sinks=args.attention_sinks, attention_window=args.attention_window, session_ttl=args.session_ttl,
+        session_ttl=args.session_ttl, attention_sinks=args.attention_sinks, attention_window=args.attention_window,
         load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
     )
+
+
+def build_state(args: argparse.Namespace) -> ServerState:
+    engine = Engine.from_config(engine_config(args))
     name = args.served_model_name or default_model_name(args.model, engine.model_path)
+    async_engine = AsyncEngine(engine)
     return ServerState(
-        engine=AsyncEngine(engine), tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
-        metrics=Metrics(engine, name), model_name=name, max_model_len=engine.max_model_len,
+        engine=async_engine, tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
+        metrics=Metrics(async_engine.stats, name), model_name=name, max_model_len=engine.max_model_len,
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout,
     )

@@ -19,7 +19,9 @@ from typing import Any
 
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
+from scheduler.engine_stats import EngineStats
 from scheduler.output_processor import RequestOutput
+from scheduler.sink_policy import SinkPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,19 @@ class AsyncEngine:
     @property
     def num_waiting_requests(self) -> int:
         """Requests not yet running: handed over to the engine thread or in its waiting queue."""
-        return len(self._adds) + len(self.engine.scheduler.waiting)
+        return len(self._adds) + self.engine.stats().num_waiting
+
+    def stats(self) -> EngineStats:
+        """The engine's state and counters now (read from this thread: a step may be under way)."""
+        return self.engine.stats()
+
+    def sink_policy(self, attention_sinks: int | None, attention_window: int | None) -> SinkPolicy | None:
+        """Engine.sink_policy: the StreamingLLM policy for a request's options; ValueError if bad."""
+        return self.engine.sink_policy(attention_sinks, attention_window)
+
+    def check_prompt(self, token_ids: list[int], params: SamplingParams, policy: SinkPolicy | None) -> None:
+        """Engine.check_prompt: ValueError (PromptTooLongError) if the request cannot be served."""
+        self.engine.check_prompt(token_ids, params, policy)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

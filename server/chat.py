@@ -33,7 +33,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     prompt = chat_prompt(state, body)
     options = engine_options(state, body, raw.headers.get("x-session-id"))
     max_tokens = body.max_completion_tokens or body.max_tokens
-    windowed = state.engine.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
     if max_tokens is None and windowed:
         max_tokens = state.max_model_len  # a window never fills up: bound the reply anyway
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

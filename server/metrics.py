@@ -1,23 +1,25 @@
 """Prometheus metrics (prometheus-client), in a registry of the app's own.
 
-Engine state and counters are read from the engine when scraped, so the step loop does no
-metrics work; latencies are observed on the request side as tokens reach the client.
+Engine state and counters are a snapshot (`EngineStats`) taken when scraped, so the step loop
+does no metrics work; latencies are observed on the request side as tokens reach the client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from scheduler.engine import Engine
+from scheduler.engine_stats import EngineStats
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class _EngineCollector:
-    def __init__(self, engine: Engine, model_name: str):
-        self.engine = engine
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+        self.stats = stats
         self.labels = {"model_name": model_name}
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -31,30 +33,32 @@ class _EngineCollector:
         return family
 
     def collect(self):
-        engine, scheduler, blocks = self.engine, self.engine.scheduler, self.engine.block_manager
-        yield self._gauge("sinkserve_num_requests_running", "Sequences in the running batch.", len(scheduler.running))
-        yield self._gauge("sinkserve_num_requests_waiting", "Sequences waiting for admission.", len(scheduler.waiting))
-        yield self._gauge("sinkserve_kv_blocks_used", "KV cache blocks held by sequences.", blocks.num_used_blocks)
-        yield self._gauge("sinkserve_kv_blocks_total", "KV cache blocks in the pool.", blocks.num_blocks)
+        stats = self.stats()
+        yield self._gauge("sinkserve_num_requests_running", "Sequences in the running batch.", stats.num_running)
+        yield self._gauge("sinkserve_num_requests_waiting", "Sequences waiting for admission.", stats.num_waiting)
+        yield self._gauge("sinkserve_kv_blocks_used", "KV cache blocks held by sequences.", stats.num_kv_blocks_used)
+        yield self._gauge("sinkserve_kv_blocks_total", "KV cache blocks in the pool.", stats.num_kv_blocks_total)
         yield self._counter("sinkserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            blocks.prefix_cache_queries)
+                            stats.prefix_cache_queries)
         yield self._counter("sinkserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                            blocks.prefix_cache_hits)
-        yield self._counter("sinkserve_prompt_tokens", "Prompt tokens received.", engine.num_prompt_tokens)
-        yield self._counter("sinkserve_generation_tokens", "Tokens generated.", engine.num_generation_tokens)
+                            stats.prefix_cache_hits)
+        yield self._counter("sinkserve_prompt_tokens", "Prompt tokens received.", stats.num_prompt_tokens)
+        yield self._counter("sinkserve_generation_tokens", "Tokens generated.", stats.num_generation_tokens)
         yield self._counter("sinkserve_preemptions", "Requests preempted for lack of KV blocks.",
-                            scheduler.num_preemptions)
+                            stats.num_preemptions)
         yield self._counter("sinkserve_sink_evictions", "StreamingLLM evictions (a block, or a sink block's tail).",
-                            scheduler.num_evictions)
-        yield self._gauge("sinkserve_sessions_active", "Long sessions holding a KV cache.", len(scheduler.sessions))
+                            stats.num_sink_evictions)
+        yield self._gauge("sinkserve_sessions_active", "Long sessions holding a KV cache.", stats.num_sessions)
         yield self._counter("sinkserve_session_reused_tokens", "Tokens a session request did not recompute.",
-                            scheduler.sessions.num_reused_tokens)
+                            stats.num_session_reused_tokens)
 
 
 class Metrics:
-    def __init__(self, engine: Engine, model_name: str):
+    """The app's metrics; `stats` takes the engine's snapshot at each scrape."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, model_name))
+        self.registry.register(_EngineCollector(stats, model_name))
         labels = ["model_name"]
         self.time_to_first_token = Histogram(
             "sinkserve_time_to_first_token_seconds", "Time from arrival to the first output token.",

@@ -97,7 +97,7 @@ def engine_options(state: ServerState, body: SamplingFields, session_header: str
     """Engine.add_request options of a request: its sink policy, session and deadline, checked."""
     session_id = body.session_id or session_header
     try:
-        state.engine.engine.sink_policy(body.attention_sinks, body.attention_window)
+        state.engine.sink_policy(body.attention_sinks, body.attention_window)
     except ValueError as exc:
         raise APIError(400, str(exc), param="attention_window") from exc
     if session_id is not None and body.n != 1:
@@ -109,7 +109,7 @@ def engine_options(state: ServerState, body: SamplingFields, session_header: str
 
 def check_prompt(state: ServerState, token_ids: list[int], params: SamplingParams, options: dict,
                  param: str) -> None:
-    engine = state.engine.engine
+    engine = state.engine
     try:
         engine.check_prompt(token_ids, params, engine.sink_policy(options["attention_sinks"],
                                                                    options["attention_window"]))

@@ -9,6 +9,7 @@ import torch
 
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine, PromptTooLongError
+from scheduler.engine_config import EngineConfig
 from tests.conftest import save_hf_checkpoint
 
 
@@ -222,3 +223,15 @@ def test_a_deadline_ends_every_completion_of_a_request_that_has_not_forked():
     assert [finished[("waiting", i)] for i in range(3)] == [("timeout", 0)] * 3
     assert [finished[("running", i)][0] for i in range(3)] == ["length"] * 3
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_an_engine_from_its_config_reports_its_stats():
+    config = EngineConfig(device="cpu", num_kv_blocks=64, max_num_seqs=4)
+    engine = Engine.from_config(config)
+    assert engine.config == config
+    result = engine.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_kv_blocks_used, stats.num_kv_blocks_total) == (0, 0, 0, 64)
+    assert stats.num_prompt_tokens == len(result.prompt_token_ids)
+    assert stats.num_generation_tokens == len(result.token_ids) == 8
+    assert stats.num_preemptions == stats.num_sink_evictions == stats.num_sessions == 0

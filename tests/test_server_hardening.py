@@ -115,7 +115,7 @@ def _in_process_app(engine):
     from server.serving import ServerState
 
     state = ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
-                        chat_template=ChatTemplate(engine.tokenizer), metrics=Metrics(engine, "stories260K"),
+                        chat_template=ChatTemplate(engine.tokenizer), metrics=Metrics(engine.stats, "stories260K"),
                         model_name="stories260K", max_model_len=engine.max_model_len)
     return build_app(state), state
 

@@ -1,0 +1,42 @@
+"""What an Engine is built from: the model, where it runs, the KV pool and the batch limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of an Engine; the server's CLI flags map onto these one to one.
+
+    `model` is a Hugging Face directory, a GGUF file or an installed model's name (None: the
+    bundled stories260K). The KV pool holds `num_kv_blocks` blocks when given; otherwise it is
+    sized from memory: `kv_cache_memory` bytes on a CPU, `gpu_memory_utilization` of the device
+    on a GPU (model/kv_sizing.py). `max_model_len` None takes the model's context. A request
+    without its own sink policy gets `attention_sinks` sinks and an `attention_window` recent
+    window (None or 0: dense attention).
+    """
+
+    model: str | Path | None = None
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    session_ttl: float = 600.0
+    attention_sinks: int = 4
+    attention_window: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    attention_backend: str | None = None
+    enforce_eager: bool = False

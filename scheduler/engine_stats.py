@@ -1,0 +1,23 @@
+"""A snapshot of an engine's state and counters, for metrics and load reporting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What `Engine.stats()` saw: gauges at that moment, counters since the engine started."""
+
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # sequences waiting for admission
+    num_kv_blocks_used: int  # KV blocks held by sequences (and idle sessions)
+    num_kv_blocks_total: int  # KV blocks in the pool
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found there
+    num_prompt_tokens: int  # prompt tokens received
+    num_generation_tokens: int  # tokens generated
+    num_preemptions: int  # requests preempted for lack of KV blocks
+    num_sink_evictions: int  # StreamingLLM evictions (a block, or a sink block's tail)
+    num_sessions: int  # long sessions holding a KV cache
+    num_session_reused_tokens: int  # tokens session requests did not recompute
