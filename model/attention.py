@@ -52,7 +52,7 @@ class AttentionMetadata:
     max_sink_len: int = 0  # the longest of sink_lens (0 when sink_lens is None)
     # Decode rows grouped by context length for the reference attention, each group padded only
     # to its own longest context: (row indices [n], longest context). None: one group of all.
-    decode_groups: list[tuple[torch.Tensor, int]] | None = None
+    decode_groups: list[tuple[torch.Tensor | slice, int]] | None = None
     reference_plan: object = field(default=None, repr=False)  # built by the reference attention
 
     @property
@@ -80,48 +80,49 @@ class AttentionMetadata:
         while num_decode < len(query_lens) and query_lens[num_decode] == 1:
             num_decode += 1
         num_seqs = len(query_lens)
-        max_blocks = max((len(t) for t in block_tables), default=0)
-        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-        tables = torch.tensor(padded, dtype=torch.int64).view(num_seqs, max_blocks)
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
-        starts = torch.zeros(num_seqs + 1, dtype=torch.int64)
-        torch.cumsum(q_lens, 0, out=starts[1:])
-        # Each new token sits at the end of its sequence's cache: positions ctx - q .. ctx - 1.
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
-        offset = torch.arange(int(starts[-1])) - starts[seq_of_token]  # [T]
-        positions = (ctx_lens - q_lens)[seq_of_token] + offset  # [T]
         has_gaps = sink_gaps is not None and any(sink_gaps)
         has_evictions = num_evicted is not None and any(num_evicted)
-        sinks = gaps = rope_positions = None
-        if has_gaps or has_evictions:
-            sinks = torch.tensor(sink_lens, dtype=torch.int64)
-        if has_evictions:
-            rope_positions = positions + torch.tensor(num_evicted, dtype=torch.int64)[seq_of_token]  # [T]
-        if has_gaps:
-            gaps = torch.tensor(sink_gaps, dtype=torch.int64)
-            index = positions + gaps[seq_of_token] * (positions >= sinks[seq_of_token])  # [T]
-        else:
-            index = positions
-        slots = tables[seq_of_token, index // block_size] * block_size + index % block_size  # [T]
+        # Per token, in plain Python (a step's few tokens cost less so than as a dozen tensor ops):
+        # each new token sits at the end of its sequence's cache, positions ctx - q .. ctx - 1.
+        positions, slots, rope_positions = [], [], []
+        for seq, (num_new, context_len, table) in enumerate(zip(query_lens, context_lens, block_tables)):
+            first = context_len - num_new
+            positions.extend(range(first, context_len))
+            if has_evictions:
+                rope_positions.extend(range(first + num_evicted[seq], context_len + num_evicted[seq]))
+            sink, gap = (sink_lens[seq], sink_gaps[seq]) if has_gaps else (0, 0)
+            for position in range(first, context_len):
+                index = position + gap if gap and position >= sink else position
+                slots.append(table[index // block_size] * block_size + index % block_size)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        starts = [0]
+        for num_new in query_lens:
+            starts.append(starts[-1] + num_new)
+
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        decode_groups = None
+        if torch.device(device).type == "cpu":  # only the reference path gains from groups
+            groups = group_by_length(context_lens[:num_decode])
+            decode_groups = [(slice(0, num_decode) if len(groups) == 1 else tensor(rows), max_len)
+                             for rows, max_len in groups]
         return cls(
-            positions=positions.to(device),
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
-            context_lens=ctx_lens.to(device),
-            query_start_loc=starts.to(device),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
+            block_tables=tensor(padded).view(num_seqs, max_blocks),
+            context_lens=tensor(context_lens),
+            query_start_loc=tensor(starts),
             num_decode_seqs=num_decode,
             max_query_len=max(query_lens, default=0),
             max_decode_context_len=max(context_lens[:num_decode], default=0),
             max_prefill_context_len=max(context_lens[num_decode:], default=0),
-            rope_positions=rope_positions.to(device) if rope_positions is not None else None,
-            sink_lens=sinks.to(device) if sinks is not None else None,
-            sink_gaps=gaps.to(device) if gaps is not None else None,
-            max_sink_len=max(sink_lens) if sinks is not None else 0,
-            # Only the CPU reference path gains from groups; elsewhere they would be copies per step.
-            decode_groups=[(torch.tensor(rows, device=device), max_len)
-                           for rows, max_len in group_by_length(context_lens[:num_decode])]
-            if torch.device(device).type == "cpu" else None,
+            rope_positions=tensor(rope_positions) if has_evictions else None,
+            sink_lens=tensor(sink_lens) if has_gaps or has_evictions else None,
+            sink_gaps=tensor(sink_gaps) if has_gaps else None,
+            max_sink_len=max(sink_lens) if has_gaps or has_evictions else 0,
+            decode_groups=decode_groups,
         )
 
 
@@ -170,12 +171,13 @@ class _ReferencePlan:
     Attention runs over whole blocks of each sequence's table (a block gather is one contiguous
     copy per block), in slot space: slot index i of sequence s holds its key
     j = i - sink_gap * (i >= sink_len), and the sink gap's slots hold none. Keys are stored
-    rotated, so a key's slot index does not matter, only whether a query may see it. Per call
-    (a decode group, or the prefill chunks padded to the longest): the rows, their block ids
-    [n, nb], and `allowed` [n, Q, nb * block_size]."""
+    rotated, so a key's slot index does not matter, only whether a query may see it. Per decode
+    group: the rows, their block ids [n, nb] and `allowed` [n, 1, nb * block_size]; for the
+    prefill chunks, padded to the longest: block ids, `allowed` [Bp, Qmax, L], and where each
+    token sits in the padding (its chunk, its offset)."""
 
     def __init__(self, meta: AttentionMetadata, block_size: int, device: torch.device):
-        self.calls: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.decodes: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.block_size = block_size
         num_decode = meta.num_decode_seqs
         # Decodes, a group of similar context lengths at a time (each padded to its longest).
@@ -185,7 +187,7 @@ class _ReferencePlan:
         for rows, num_keys in groups:
             block_ids, key_of_slot = self._blocks(meta, rows, num_keys)  # key_of_slot [n, L]
             allowed = key_of_slot < meta.context_lens[rows][:, None]  # [n, L]
-            self.calls.append((rows, block_ids, allowed[:, None]))
+            self.decodes.append((rows, block_ids, allowed[:, None]))
         self.prefill = None
         if num_decode < meta.num_seqs:
             starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
@@ -202,8 +204,7 @@ class _ReferencePlan:
             allowed = key_of_slot[:, None, :] <= query_pos[:, :, None]  # [Bp, Qmax, L]
             # A padding row with every key masked would softmax to NaN; let it see slot 0 instead.
             allowed[:, :, 0] |= query_pos < 0
-            self.prefill = (seq_of_token, offset_of_token)
-            self.calls.append((rows, block_ids, allowed))
+            self.prefill = (block_ids, allowed, seq_of_token, offset_of_token)
 
     def _blocks(self, meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,13 +289,13 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     plan = _ReferencePlan.of(meta, k_cache.shape[1], q.device)
     if meta.rope_positions is None:
         q_sink = None
-    for rows, block_ids, allowed in plan.calls:
+    for rows, block_ids, allowed in plan.decodes:
         sink_lens = meta.sink_lens[rows] if q_sink is not None else None
-        if rows is not plan.calls[-1][0] or plan.prefill is None:  # a decode group: one query each
-            out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
-                                k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
-            continue
-        seq_of_token, offset_of_token = plan.prefill
+        out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
+                            k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
+    if plan.prefill is not None:
+        block_ids, allowed, seq_of_token, offset_of_token = plan.prefill
+        sink_lens = meta.sink_lens[num_decode:] if q_sink is not None else None
 
         def padded(x: torch.Tensor) -> torch.Tensor:  # [Tp, Hq, D] -> [Bp, Qmax, Hq, D]
             padded_x = x.new_zeros(allowed.shape[:2] + x.shape[1:])
