@@ -74,15 +74,17 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 rope: RopeAngles) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        # q and k rotated together at the tokens' absolute positions; keys are stored so and
+        # never rotated again.
+        q, k = apply_rotary(qk, rope.cos, rope.sin).split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
-        # Keys are stored rotated at their absolute positions and never rotated again.
-        self.write_kv(k_cache, v_cache, apply_rotary(k, rope.cos, rope.sin), v, meta.slot_mapping)
-        q_sink = apply_rotary(q, rope.sink_cos, rope.sink_sin) if rope.sink_cos is not None else None
-        q = apply_rotary(q, rope.cos, rope.sin)
+        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q_sink = None
+        if rope.sink_cos is not None:
+            q_sink = apply_rotary(qk[:, :self.num_heads], rope.sink_cos, rope.sink_sin)  # [T, Hq, D]
         out = self.paged_attention(q, q_sink, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
