@@ -12,7 +12,8 @@ overflow it, the oldest non-sink tokens are evicted, a block at a time:
 
 So the window holds between `window - block_size + 1` and `window` recent tokens. Positions are
 positions in the cache: the kept tokens are 0..kept-1 and the next one is `kept`. Keys are
-stored before RoPE, so none of this rewrites a block. Prefill chunks stop at the capacity, so
+stored rotated at their absolute positions and the sinks are scored by a query rotated at its
+cache position (model/attention.py), so none of this rewrites a block. Prefill chunks stop at the capacity, so
 evictions fall between chunks exactly where token-by-token processing would make them.
 """
 
