@@ -3,10 +3,15 @@
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
 below before anything imports triton): small shapes only, it is slow. With CUDA the same
 cases run on the GPU, and the `gpu` test adds full-size batches.
+
+Keys in the pool are random data standing for rotated keys, and q, q_sink are independent
+random tensors: the kernels only have to score window keys with q and sink keys with q_sink
+exactly as the reference does, whatever the rotation that made them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -18,14 +23,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+pytest.importorskip("triton")
 
 from model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
-from model.config import RopeConfig  # noqa: E402
 from model.kernels import paged_attention_triton, write_kv_triton  # noqa: E402
-from model.kernels.paged_attention import _sincos  # noqa: E402
-from model.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -41,17 +42,19 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed=0, device=DEVICE):
-    """A batch over a random pool. specs: (query_len, context_len, num_sinks) per sequence,
-    decodes first. A sequence with sinks has had its first eviction: its keys past the sinks
-    sit sink_gap = (sink blocks * block_size - num_sinks) slots further on, as in
-    scheduler/sink_policy.py. Blocks come from a shuffled pool with spare ("evicted") blocks
-    that no table holds; the whole pool is random data, then the new K/V are written at their
-    slots. Returns (q, k_cache, v_cache, meta, new_k, new_v)."""
+    """A batch over a random pool. specs: (query_len, context_len, num_sinks, num_evicted) per
+    sequence, decodes first. A sequence that has evicted tokens has its keys past the sinks
+    sink_gap = (sink blocks * block_size - num_sinks) slots further on, as in
+    scheduler/sink_policy.py; one that has not keeps its sink length but has no gap. Blocks come
+    from a shuffled pool with spare ("evicted") blocks that no table holds; the whole pool is
+    random data, then the new K/V are written at their slots. q and q_sink are independent.
+    Returns (q, q_sink, k_cache, v_cache, meta, new_k, new_v)."""
     gen = torch.Generator().manual_seed(seed)
-    sinks = [s for _, _, s in specs]
-    gaps = [-(-s // block_size) * block_size - s for s in sinks]
+    sinks = [s for _, _, s, _ in specs]
+    evicted = [e for _, _, _, e in specs]
+    gaps = [-(-s // block_size) * block_size - s if e else 0 for _, _, s, e in specs]
     blocks_needed = []
-    for (_, ctx, sink), gap in zip(specs, gaps):
+    for (_, ctx, sink, _), gap in zip(specs, gaps):
         last = ctx - 1 + (gap if ctx - 1 >= sink else 0)  # slot index of the last key
         blocks_needed.append(last // block_size + 1)
     num_blocks = sum(blocks_needed) + 5
@@ -60,12 +63,11 @@ def make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed=0, d
     tables = []
     for n in blocks_needed:
         tables.append([free.pop() for _ in range(n)])
-    query_lens = [q for q, _, _ in specs]
-    context_lens = [c for _, c, _ in specs]
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device,
-                                   sink_lens=sinks if any(gaps) else None,
-                                   sink_gaps=gaps if any(gaps) else None)
+    query_lens = [q for q, _, _, _ in specs]
+    context_lens = [c for _, c, _, _ in specs]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device, sinks, gaps, evicted)
     assert (meta.sink_gaps is not None) == any(gaps)
+    assert (meta.rope_positions is not None) == any(evicted)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
     v_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
@@ -73,36 +75,49 @@ def make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed=0, d
     new_k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
     new_v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
     write_kv(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
-    # Scale 1.5 sharpens the softmax a little, so a misplaced key shows.
-    q = (1.5 * torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen)).to(dtype).to(device)
-    return q, k_cache, v_cache, meta, new_k, new_v
-
-
-def rotary_for(head_dim: int, device=DEVICE) -> RotaryEmbedding:
-    return RotaryEmbedding(RopeConfig(theta=10000.0), head_dim).to(device)
+    # Scale 1.5 sharpens the softmax a little, so a misplaced key or a wrong query shows.
+    query_shape = (num_tokens, num_kv_heads * group, head_dim)
+    q = (1.5 * torch.randn(query_shape, generator=gen)).to(dtype).to(device)
+    q_sink = (1.5 * torch.randn(query_shape, generator=gen)).to(dtype).to(device)
+    return q, q_sink, k_cache, v_cache, meta, new_k, new_v
 
 
 def check_attention(specs, num_kv_heads, group, head_dim, block_size, dtype, partition_size=512, block_n=None,
-                    seed=0):
-    q, k_cache, v_cache, meta, _, _ = make_case(specs, num_kv_heads, group, head_dim, block_size, dtype, seed)
-    rotary = rotary_for(head_dim)
+                    seed=0, sink_query=True, meta_of=None):
+    """The kernels against the float32 reference on one case; sink_query False passes no q_sink;
+    meta_of(meta) replaces the case's metadata (same pool layout)."""
+    q, q_sink, k_cache, v_cache, meta, _, _ = make_case(specs, num_kv_heads, group, head_dim, block_size, dtype,
+                                                        seed)
+    if meta_of is not None:
+        meta = meta_of(meta)
+    if not sink_query:
+        q_sink = None
     scale = head_dim ** -0.5
-    out = paged_attention_triton(q, k_cache, v_cache, meta, rotary, scale, partition_size=partition_size,
+    out = paged_attention_triton(q, q_sink, k_cache, v_cache, meta, scale, partition_size=partition_size,
                                  block_n=block_n)
     assert out.shape == q.shape and out.dtype == dtype
-    expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, rotary, scale)
+    q_sink32 = q_sink.float() if q_sink is not None else None
+    expected = paged_attention(q.float(), q_sink32, k_cache.float(), v_cache.float(), meta, scale)
     error = max_relative_error(out, expected)
     assert error < TOLERANCE[dtype], f"max relative error {error:.2e}"
+    if q_sink is not None and meta.rope_positions is not None:
+        # The case can tell q_sink from q: scoring the sinks with q is far off.
+        without_sink_query = paged_attention(q.float(), None, k_cache.float(), v_cache.float(), meta, scale)
+        assert max_relative_error(without_sink_query, expected) > TOLERANCE[dtype]
     if dtype != torch.float32:
         # The kernel is at least about as close to exact as the reference run in the same dtype.
-        in_dtype = paged_attention(q, k_cache, v_cache, meta, rotary, scale)
+        in_dtype = paged_attention(q, q_sink, k_cache, v_cache, meta, scale)
         assert error <= 2 * max_relative_error(in_dtype, expected) + 1e-3
     return error
 
 
-# Decodes first (9 keys; 45 keys with 5 sinks; 100 keys with 16 sinks), then prefill chunks: a
-# first chunk of 17 tokens, a 6-token chunk after eviction with 3 sinks, a 1-token chunk.
-MIXED = [(1, 9, 0), (1, 45, 5), (1, 100, 16), (17, 17, 0), (6, 60, 3), (1, 30, 0)]
+# Decodes first, then prefill chunks. Decodes: 9 keys; 45 keys with 5 sinks after eviction;
+# 100 keys with 21 sinks after eviction (the sinks span two 16-key tiles and cross a 16- or
+# 32-key partition); 30 keys with 4 sinks before any eviction (sink length, no gap). Chunks:
+# a first chunk of 17 tokens; a 6-token chunk after eviction with 3 sinks; a 20-token chunk
+# after eviction with 18 sinks (positions 30..49, sinks across two tiles); a 1-token chunk.
+MIXED = [(1, 9, 0, 0), (1, 45, 5, 40), (1, 100, 21, 300), (1, 30, 4, 0),
+         (17, 17, 0, 0), (6, 60, 3, 1000), (20, 50, 18, 70), (1, 30, 0, 0)]
 
 
 @pytest.mark.parametrize(
@@ -117,23 +132,52 @@ MIXED = [(1, 9, 0), (1, 45, 5), (1, 100, 16), (17, 17, 0), (6, 60, 3), (1, 30, 0
     ids=["g1-d64-bs16-fp32", "g2-d128-bs32-fp32", "g8-d64-bs32-fp32", "g4-d64-bs32-fp16-single",
          "g8-d128-bs16-bf16"],
 )
-def test_mixed_batch_with_sinks(num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n):
+def test_mixed_batch_with_evictions(num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n):
     check_attention(MIXED, num_kv_heads, group, head_dim, block_size, dtype, partition_size, block_n)
 
 
+def test_mixed_batch_without_sink_query():
+    # Gaps in the slot layout, but no q_sink: every key is scored by q.
+    check_attention(MIXED, 2, 2, 64, 16, torch.float32, partition_size=32, block_n=16, seed=7, sink_query=False)
+
+
+def test_evictions_without_gaps():
+    # Sinks fill whole blocks: no sink gaps (meta.sink_gaps is None), but sink keys still take
+    # q_sink; 32 sinks fill two decode partitions.
+    specs = [(1, 40, 16, 64), (1, 70, 32, 16), (1, 12, 0, 0), (5, 50, 16, 32), (3, 20, 16, 0)]
+    check_attention(specs, 1, 4, 64, 16, torch.float32, partition_size=16, block_n=16, seed=8)
+
+
+def test_decode_graph_metadata():
+    # As model/cuda_graphs.py passes it: absolute positions, sink lengths and gaps always set
+    # (zeros for sequences without sinks), max_sink_len only an upper bound.
+    specs = [(1, 45, 5, 40), (1, 9, 0, 0), (1, 100, 21, 300), (1, 30, 4, 0)]
+
+    def as_in_graphs(meta: AttentionMetadata) -> AttentionMetadata:
+        return dataclasses.replace(
+            meta, rope_positions=meta.rope_positions.clone(), sink_lens=meta.sink_lens.clone(),
+            sink_gaps=meta.sink_gaps.clone(), max_sink_len=4096, decode_groups=None)
+
+    check_attention(specs, 2, 2, 32, 16, torch.float32, partition_size=16, block_n=16, seed=9,
+                    meta_of=as_in_graphs)
+
+
 def test_decode_only_many_partitions_no_sinks():
-    specs = [(1, 3, 0), (1, 77, 0), (1, 130, 0)]  # 130 keys: 9 partitions of 16
+    # No evictions: q_sink is ignored (meta.rope_positions is None), as by the reference.
+    specs = [(1, 3, 0, 0), (1, 77, 0, 0), (1, 130, 0, 0)]  # 130 keys: 9 partitions of 16
     check_attention(specs, 2, 2, 64, 16, torch.float32, partition_size=16, seed=1)
 
 
 def test_prefill_only_long_chunk():
     # A 70-token chunk spans two query tiles (64 rows at G=1), and a chunk after eviction.
-    specs = [(70, 90, 0), (3, 40, 4)]
+    specs = [(70, 90, 0, 0), (3, 40, 4, 20)]
     check_attention(specs, 1, 1, 64, 32, torch.float32, block_n=16, seed=2)
 
 
-def test_head_dim_16_without_dot():
-    check_attention([(1, 20, 0), (5, 12, 0)], 1, 4, 16, 16, torch.float32, partition_size=16, seed=3)
+def test_head_dim_16():
+    # D = 16: tl.dot's smallest K.
+    check_attention([(1, 20, 3, 10), (5, 12, 0, 0), (4, 30, 2, 5)], 1, 4, 16, 16, torch.float32,
+                    partition_size=16, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -161,16 +205,18 @@ def test_write_kv(dtype):
 def test_full_size_on_gpu(dtype, block_size):
     rng = random.Random(5)
     specs = []
-    for _ in range(48):  # decodes, contexts up to 4k, a third with sinks after eviction
-        specs.append((1, rng.randint(1, 4096), rng.choice([0, 0, 4, 16, 21])))
-    for _ in range(16):  # prefill chunks, some first chunks, some later ones
+    for _ in range(48):  # decodes, contexts up to 4k, half after evictions, some with sinks
+        specs.append((1, rng.randint(1, 4096), rng.choice([0, 0, 4, 16, 21]), rng.choice([0, rng.randint(32, 10**5)])))
+    for _ in range(16):  # prefill chunks: first chunks (nothing evicted yet) and later ones
         q_len = rng.randint(1, 256)
-        specs.append((q_len, rng.choice([q_len, rng.randint(q_len, 4096)]), rng.choice([0, 4, 21])))
-    specs = [(q, c, s if c > s + block_size else 0) for q, c, s in specs]
+        context_len = rng.choice([q_len, rng.randint(q_len, 4096)])
+        evicted = rng.choice([0, rng.randint(32, 10**5)]) if context_len > q_len else 0
+        specs.append((q_len, context_len, rng.choice([0, 4, 21]), evicted))
+    specs = [(q, c, s if c > s + block_size else 0, e) for q, c, s, e in specs]
     for partition_size in (512, 256):
         check_attention(specs, 8, 4, 128, block_size, dtype, partition_size, seed=6)
     # The kernels' write matches the reference on the full batch too.
-    q, k_cache, v_cache, meta, new_k, new_v = make_case(specs, 8, 4, 128, block_size, dtype, seed=6)
+    _, _, k_cache, v_cache, meta, new_k, new_v = make_case(specs, 8, 4, 128, block_size, dtype, seed=6)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_cache.zero_(), v_cache.zero_()
     write_kv_triton(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
@@ -178,23 +224,3 @@ def test_full_size_on_gpu(dtype, block_size):
     assert torch.equal(k_cache.view(-1, 8, 128)[flat], k_ref.view(-1, 8, 128)[flat])
     assert torch.equal(v_cache.view(-1, 8, 128)[flat], v_ref.view(-1, 8, 128)[flat])
     assert not math.isnan(float(k_cache.float().sum()))
-
-
-@triton.jit
-def _sincos_kernel(x_ptr, sin_ptr, cos_ptr, N: tl.constexpr):
-    offs = tl.program_id(0) * N + tl.arange(0, N)
-    sin, cos = _sincos(tl.load(x_ptr + offs))
-    tl.store(sin_ptr + offs, sin)
-    tl.store(cos_ptr + offs, cos)
-
-
-def test_in_kernel_sincos_matches_torch_at_long_positions():
-    # The kernels rotate keys with their own sin/cos of the fp32 angle j * inv_freq.
-    inv_freq = rotary_for(128, "cpu").inv_freq
-    gen = torch.Generator().manual_seed(8)
-    positions = torch.cat([torch.arange(64), torch.randint(0, 2_000_000, (64,), generator=gen)])
-    angles = (positions.float()[:, None] * inv_freq).flatten().to(DEVICE)  # as the reference forms them
-    sin, cos = torch.empty_like(angles), torch.empty_like(angles)
-    _sincos_kernel[(angles.numel() // 1024,)](angles, sin, cos, N=1024)
-    assert (sin.double() - angles.double().sin()).abs().max() < 3e-7
-    assert (cos.double() - angles.double().cos()).abs().max() < 3e-7

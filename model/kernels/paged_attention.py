@@ -1,17 +1,34 @@
-"""Triton paged attention over pre-RoPE keys, with StreamingLLM sink gaps (the GPU fast path).
+"""Triton paged attention over rotated keys, with StreamingLLM sinks and sink gaps (the GPU fast path).
 
 Same semantics as the PyTorch reference in model/attention.py, which is the oracle:
 
 - The pool of one layer is K and V `[num_blocks, block_size, num_kv_heads, head_dim]`.
   Sequence s's key j (cache order) lives at slot index `i = j + sink_gap[s] * (j >= sink_len[s])`,
   block `block_tables[s, i // block_size]`, offset `i % block_size`.
-- Keys are stored before RoPE. A kernel loads the two halves of a key tile, rotates them in fp32
-  at the keys' cache indices j (rotate-half layout), and scores `q . rot(k) = q1 . r1 + q2 . r2`.
-  Queries arrive already rotated.
+- Keys are stored after RoPE, rotated at their absolute positions (the tokens' indices in
+  prompt + output; the model rotates k before `write_kv_triton` stores it), and a kernel loads
+  a key tile as it is stored: a score is the plain dot `q . k`.
+- Queries come rotated twice. `q` is rotated at the tokens' absolute positions and scores the
+  window keys (j >= sink_len); `q_sink` is rotated at their cache positions and scores the
+  sink keys (j < sink_len). A RoPE score depends only on the distance between query and key:
+  StreamingLLM eviction renumbers the kept tokens, which moves a window key and the query down
+  by the same evicted count (distance kept, so `q` at the absolute position is exact) but leaves
+  a sink where it is (so its distance is measured from the query's cache position). Without a
+  sink query (`q_sink` None, or `meta.rope_positions` None: no evictions in the batch, where
+  the two queries agree) every key is scored by `q`, as in the reference.
 - Flat batch: decodes first (`meta.num_decode_seqs` sequences with one token each), then prefill
-  chunks at `meta.query_start_loc`. A query at position p sees keys 0..p of its sequence; the
-  chunk's own K/V are already in the pool (`write_kv` runs first).
+  chunks at `meta.query_start_loc`. A query at cache position p sees keys 0..p of its sequence;
+  the chunk's own K/V are already in the pool (`write_kv` runs first).
 - GQA: each program loads a K/V tile once for all G = Hq / Hkv query heads of its KV head.
+
+No key is rotated on read: a key is written once and never changes, so eviction stays a
+block-table edit and blocks shared between sequences (prefix cache, forks) are never rewritten,
+and the decode loop, which is memory-bound, reads each key once with no trigonometry and no
+cos/sin table. The price of sinks is one extra dot on the key tiles that start before the
+sequence's sink length (sinks are few: usually only the first tile). The kernels walk those
+tiles in a loop of their own, scoring each with `q` and `q_sink` and taking `q_sink`'s score
+where j < sink_len, and the remaining tiles in a loop with one dot; without a sink query
+(constexpr SINK_QUERY off) the first loop is not compiled at all.
 
 Kernels:
 - `_write_kv_kernel`: one program per new token, stores its K and V [Hkv, D] at its slot.
@@ -21,29 +38,20 @@ Kernels:
   writes an unnormalised partial output with its running max and sum-exp, and
   `_merge_kernel` combines them; with one partition the decode kernel writes the output.
 - `_prefill_kernel`: all prefill chunks in one launch, grid (query tile, prefill sequence,
-  KV head); a tile's rows are BLOCK_M tokens x G_PAD heads; causal by position over the paged
-  context; online softmax, fp32 accumulation.
+  KV head); a tile's rows are BLOCK_M tokens x G_PAD heads; causal by cache position over the
+  paged context; online softmax, fp32 accumulation.
 
-Rotary cos/sin are computed in the kernel from `inv_freq` (fp32 [D/2]), not read from a
-precomputed [max_len, D/2] table: the angle `j * inv_freq` is the same fp32 product the reference
-forms, so the angles agree exactly; there is no table to size to the longest context or rebuild
-per RoPE schedule; and decode is memory-bound, where a fp32 cos/sin table would read 4*D bytes per
-key (twice the bf16 key itself) while the trig is register-only work shared by the G query heads
-(and, in prefill, the BLOCK_M tokens) of a program. The trig is `_sincos` (Cody-Waite
-reduction with FMAs + cephes polynomials, max abs error ~1e-7), not tl.cos/tl.sin, whose libdevice
-slow paths make ptxas spill.
+dtypes: float32, float16, bfloat16 (q, q_sink and the pools share one dtype; the output has it
+too). Head dims: any power of two >= 16 (16 is tl.dot's minimum K, so every score is a tl.dot).
+Block sizes: any (16 and 32 are tested). fp32 dots run with input_precision="ieee" (no TF32),
+so fp32 matches the reference tightly on a GPU too. Triton's interpreter (TRITON_INTERPRET=1,
+CPU tensors) runs all three dtypes; its tl.dot gives wrong results on bfloat16 operands
+(triton 3.9), so on CPU tensors bf16 dot operands are cast to fp32 first (UPCAST); on a GPU
+bf16 dots run natively.
 
-dtypes: float32, float16, bfloat16 (q and the pools share one dtype; the output has it too).
-Head dims: any power of two >= 16 (D/2 < 16, i.e. D = 16, scores by broadcast-multiply-sum
-instead of tl.dot). Block sizes: any (16 and 32 are tested). fp32 dots run with
-input_precision="ieee" (no TF32), so fp32 matches the reference tightly on a GPU too.
-Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) runs all three dtypes; its tl.dot gives
-wrong results on bfloat16 operands (triton 3.9), so on CPU tensors bf16 dot operands are cast to
-fp32 first (UPCAST); on a GPU bf16 dots run natively.
-
-Only long-standing tl APIs are used (tl.load/store with masks, tl.dot,
-tl.exp, tl.fma, tl.maximum, tl.where, tl.arange, tl.program_id, tl.constexpr, and
-tl.dot's `input_precision`), for triton 3.3 .. 3.9.
+Only long-standing tl APIs are used (tl.load/store with masks, tl.dot, tl.exp, tl.maximum,
+tl.minimum, tl.where, tl.arange, tl.program_id, tl.constexpr, and tl.dot's `input_precision`),
+for triton 3.3 .. 3.9.
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ import triton
 import triton.language as tl
 
 from model.attention import AttentionMetadata
-from model.rotary import RotaryEmbedding
 
 # Keys per context partition of the decode kernel (flash-decoding split).
 DEFAULT_PARTITION_SIZE = 512
@@ -78,23 +85,10 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q1, q2, r1, r2, USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """q1, q2 [R, HALF] (query halves) and r1, r2 [HALF, N] (rotated key halves, transposed)
-    -> q . rot(k) fp32 [R, N]."""
-    if USE_DOT:
-        s = _dot(q1, r1, IEEE, UPCAST) + _dot(q2, r2, IEEE, UPCAST)
-    else:  # HALF < 16: below tl.dot's minimum K
-        # [R, HALF, 1] * [1, HALF, N] -> sum over HALF -> [R, N]
-        s = tl.sum(q1.to(tl.float32)[:, :, None] * r1.to(tl.float32)[None, :, :], axis=1)
-        s += tl.sum(q2.to(tl.float32)[:, :, None] * r2.to(tl.float32)[None, :, :], axis=1)
-    return s
-
-
-@triton.jit
 def _key_slots(block_table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE: tl.constexpr,
-               HAS_SINKS: tl.constexpr):
+               HAS_GAPS: tl.constexpr):
     """Block ids and in-block offsets [N] of keys j [N] (valid [N]) of one sequence."""
-    if HAS_SINKS:
+    if HAS_GAPS:
         i = j + sink_gap * (j >= sink_len).to(tl.int64)
     else:
         i = j
@@ -103,67 +97,37 @@ def _key_slots(block_table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE: tl.con
 
 
 @triton.jit
-def _sincos(x):
-    """sin(x), cos(x) in fp32 for angles x >= 0 (key positions * inv_freq).
-
-    Cody-Waite reduction by pi/2 in three parts with fused multiply-adds (each product exact),
-    then cephes' sinf/cosf polynomials on [-pi/4, pi/4] (about 1 ulp there): max abs error
-    ~1e-7 for angles up to 1e7 (tested), far below the fp32 rounding of the angle itself.
-    sin and cos share the reduction, and it is register-only FMA work: libdevice's sinf/cosf
-    (tl.sin, tl.cos) each carry a Payne-Hanek slow path with a local array, and with them on a
-    [D/2, BLOCK_N] tile ptxas spills heavily (measured by compiling for sm_80/sm_90).
-    """
-    k = (x * 0.6366197723675814 + 0.5).to(tl.int32)  # nearest multiple of pi/2 (x >= 0)
-    kf = k.to(tl.float32)
-    r = tl.fma(kf, -1.5703125, x)  # pi/2 = 1.5703125 + 4.8375e-4 + 7.5498e-8 (+ 2e-15)
-    r = tl.fma(kf, -4.837512969970703125e-4, r)
-    r = tl.fma(kf, -7.54978995489188216e-8, r)  # r in about [-pi/4, pi/4]
-    z = r * r
-    sin_r = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
-    cos_r = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
-    odd = (k & 1) != 0  # quadrants 1 and 3 swap sin and cos
-    sin_x = tl.where(odd, cos_r, sin_r)
-    cos_x = tl.where(odd, sin_r, cos_r)
-    sin_x = tl.where((k & 2) != 0, -sin_x, sin_x)  # quadrants 2, 3
-    cos_x = tl.where(((k + 1) & 2) != 0, -cos_x, cos_x)  # quadrants 1, 2
-    return sin_x, cos_x
-
-
-@triton.jit
-def _rotated_key_tile(k_cache_ptr, key_off, valid, inv_freq, j, offs_half, HALF: tl.constexpr):
-    """Load the two halves of a key tile and rotate them at positions j, in fp32.
-
-    key_off [N]: element offsets of the keys (block, slot and head applied); inv_freq [HALF];
-    j [N] int64 key positions. Returns r1, r2 [HALF, N] fp32 (keys along columns, ready to be
-    the right operand of q @ k^T).
-    """
-    ptrs = k_cache_ptr + key_off[None, :] + offs_half[:, None]  # [HALF, N]
-    k1 = tl.load(ptrs, mask=valid[None, :], other=0.0).to(tl.float32)  # [HALF, N]
-    k2 = tl.load(ptrs + HALF, mask=valid[None, :], other=0.0).to(tl.float32)  # [HALF, N]
-    freqs = inv_freq[:, None] * j.to(tl.float32)[None, :]  # [HALF, N], as the reference forms it
-    sin, cos = _sincos(freqs)
-    r1 = k1 * cos - k2 * sin
-    r2 = k2 * cos + k1 * sin
-    return r1, r2
+def _sink_tiles_end(start, end, sink_len, BLOCK_N: tl.constexpr):
+    """End of the key tiles start, start + BLOCK_N, .. (< end) that hold a sink (j < sink_len):
+    the first tile start at or past sink_len, at most end."""
+    num_tiles = (tl.maximum(sink_len - start, 0) + BLOCK_N - 1) // BLOCK_N
+    return tl.minimum(start + num_tiles * BLOCK_N, end)
 
 
 @triton.jit
 def _attend_key_tile(
-    q1, q2, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head, inv_freq,
-    offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+    q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
+    offs_d, scale, k_cache_ptr, v_cache_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HAS_SINKS: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_TILE: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One step of online softmax over the key tile j [N] (valid [N]) of one sequence and KV
     head: the rows' running max m_i [R], sum-exp l_i [R] and output acc [R, D], updated.
-    `allowed` [R, N] (or [1, N]) says which keys each row may see."""
-    block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_SINKS)
+
+    q [R, D] scores the keys; with SINK_TILE, q_sink [R, D] scores the keys j < sink_len
+    instead (the tile holds sinks). `allowed` [R, N] (or [1, N]) says which keys each row may
+    see."""
+    block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_GAPS)
     k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
     v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
-    r1, r2 = _rotated_key_tile(k_cache_ptr, k_off, valid, inv_freq, j, offs_half, HALF)  # [HALF, N]
-    s = _scores(q1, q2, r1.to(q1.dtype), r2.to(q1.dtype), USE_DOT, IEEE, UPCAST) * scale  # [R, N]
-    s = tl.where(allowed, s, float("-inf"))
+    # Keys along columns, ready to be the right operand of q @ k^T.
+    k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+    s = _dot(q, k, IEEE, UPCAST)  # [R, N]
+    if SINK_TILE:
+        s_sink = _dot(q_sink, k, IEEE, UPCAST)  # [R, N]
+        s = tl.where((j < sink_len)[None, :], s_sink, s)
+    s = tl.where(allowed, s * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]; finite: the callers' tiles see a key
     alpha = tl.exp(m_i - m_new)  # [R]
     p = tl.exp(s - m_new[:, None])  # [R, N]
@@ -186,7 +150,8 @@ def _write_kv_kernel(
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Program t stores k[t], v[t] [Hkv, D] at pool slot slot_mapping[t] (negative: skipped)."""
+    """Program t stores k[t], v[t] [Hkv, D] (k already rotated) at pool slot slot_mapping[t]
+    (negative: skipped)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:  # padding token
@@ -206,19 +171,20 @@ def _write_kv_kernel(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    block_tables_ptr, context_lens_ptr, sink_lens_ptr, sink_gaps_ptr, inv_freq_ptr,
+    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    block_tables_ptr, context_lens_ptr, sink_lens_ptr, sink_gaps_ptr,
     scale,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_qst, stride_qsh, stride_ot, stride_oh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt,
     stride_pas, stride_pah, stride_pap,  # part_acc [Bd, Hq, P, D] fp32
     stride_pms, stride_pmh, stride_pmp,  # part_ml [Bd, Hq, P, 2] fp32 (running max, sum-exp)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SINGLE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr,
+    SINK_QUERY: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
+    """Program (decode sequence, KV head, partition): the G query heads of the group over the
+    partition's keys."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -227,35 +193,49 @@ def _decode_kernel(
     if start >= context_len:  # this sequence has fewer partitions
         return
     end = tl.minimum(start + PARTITION_SIZE, context_len)
-    if HAS_SINKS:
+    if HAS_GAPS or SINK_QUERY:
         sink_len = tl.load(sink_lens_ptr + seq)
-        sink_gap = tl.load(sink_gaps_ptr + seq)
     else:
         sink_len = 0
+    if HAS_GAPS:
+        sink_gap = tl.load(sink_gaps_ptr + seq)
+    else:
         sink_gap = 0
 
     rows = tl.arange(0, GROUP_PAD)  # [R] query heads of the group (padding rows masked)
     row_valid = rows < GROUP
     heads = kv_head * GROUP + rows  # [R]
-    offs_half = tl.arange(0, HALF)  # [HALF]
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
-    q_row = q_ptr + seq * stride_qt + heads * stride_qh  # [R]
-    q1 = tl.load(q_row[:, None] + offs_half[None, :], mask=row_valid[:, None], other=0.0)  # [R, HALF]
-    q2 = tl.load(q_row[:, None] + HALF + offs_half[None, :], mask=row_valid[:, None], other=0.0)  # [R, HALF]
-    inv_freq = tl.load(inv_freq_ptr + offs_half)  # [HALF] fp32
+    q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]  # [R, D]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
     table_row = block_tables_ptr + seq * stride_bt
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")  # running max [R]
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum-exp [R]
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)  # [R, D]
-    for n0 in range(start, end, BLOCK_N):
+    if SINK_QUERY:
+        # The partition's tiles that hold sinks, scored by q and q_sink.
+        q_sink_ptrs = q_sink_ptr + seq * stride_qst + heads[:, None] * stride_qsh + offs_d[None, :]  # [R, D]
+        q_sink = tl.load(q_sink_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
+        sink_end = _sink_tiles_end(start, end, sink_len, BLOCK_N)
+        for n0 in range(start, sink_end, BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
+            valid = j < end  # every tile has a valid key
+            m_i, l_i, acc = _attend_key_tile(
+                q, q_sink, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head,
+                offs_d, scale, k_cache_ptr, v_cache_ptr,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST)
+    else:
+        sink_end = start
+    for n0 in range(sink_end, end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
         valid = j < end  # every tile has a valid key
         m_i, l_i, acc = _attend_key_tile(
-            q1, q2, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head, inv_freq,
-            offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+            q, q, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head,
+            offs_d, scale, k_cache_ptr, v_cache_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_SIZE, HALF, HAS_SINKS, USE_DOT, IEEE, UPCAST)
+            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST)
 
     if SINGLE:
         out = acc / l_i[:, None]  # [R, D]
@@ -304,19 +284,18 @@ def _merge_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, context_lens_ptr, query_start_loc_ptr, positions_ptr,
-    sink_lens_ptr, sink_gaps_ptr, inv_freq_ptr,
+    sink_lens_ptr, sink_gaps_ptr,
     scale, num_decode_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_qst, stride_qsh, stride_ot, stride_oh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINKS: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_QUERY: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (query tile, prefill sequence, KV head): BLOCK_M tokens x the G heads of the group."""
-    HALF: tl.constexpr = HEAD_DIM // 2
     ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
     tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64) + num_decode_seqs
@@ -326,11 +305,13 @@ def _prefill_kernel(
     if tile * BLOCK_M >= q_len:  # this chunk has fewer tiles
         return
     context_len = tl.load(context_lens_ptr + seq)
-    if HAS_SINKS:
+    if HAS_GAPS or SINK_QUERY:
         sink_len = tl.load(sink_lens_ptr + seq)
-        sink_gap = tl.load(sink_gaps_ptr + seq)
     else:
         sink_len = 0
+    if HAS_GAPS:
+        sink_gap = tl.load(sink_gaps_ptr + seq)
+    else:
         sink_gap = 0
 
     # Row r of the tile is token tile * BLOCK_M + r // GROUP_PAD, query head r % GROUP_PAD of the
@@ -343,13 +324,10 @@ def _prefill_kernel(
     token = q_start + m_idx  # [R]
     heads = kv_head * GROUP + g  # [R]
     # Padding rows get position 0: they see key 0 (no all -inf row) and are never stored.
-    pos = tl.load(positions_ptr + token, mask=token_valid, other=0)  # [R]
-    offs_half = tl.arange(0, HALF)  # [HALF]
+    pos = tl.load(positions_ptr + token, mask=token_valid, other=0)  # [R] cache positions
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
-    q_row = q_ptr + token * stride_qt + heads * stride_qh  # [R]
-    q1 = tl.load(q_row[:, None] + offs_half[None, :], mask=row_valid[:, None], other=0.0)  # [R, HALF]
-    q2 = tl.load(q_row[:, None] + HALF + offs_half[None, :], mask=row_valid[:, None], other=0.0)  # [R, HALF]
-    inv_freq = tl.load(inv_freq_ptr + offs_half)  # [HALF] fp32
+    q_ptrs = q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]  # [R, D]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
     table_row = block_tables_ptr + seq * stride_bt
     # Keys 0 .. (last position of the tile), all in the pool already.
     key_end = tl.minimum(tl.max(pos, axis=0) + 1, context_len)
@@ -357,15 +335,32 @@ def _prefill_kernel(
     m_i = tl.zeros([ROWS], dtype=tl.float32) - float("inf")  # [R]
     l_i = tl.zeros([ROWS], dtype=tl.float32)  # [R]
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)  # [R, D]
-    for n0 in range(0, key_end, BLOCK_N):
+    if SINK_QUERY:
+        # The tiles that hold sinks, scored by q and q_sink.
+        q_sink_ptrs = (q_sink_ptr + token[:, None] * stride_qst + heads[:, None] * stride_qsh
+                       + offs_d[None, :])  # [R, D]
+        q_sink = tl.load(q_sink_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
+        sink_end = _sink_tiles_end(0, key_end, sink_len, BLOCK_N)
+        for n0 in range(0, sink_end, BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
+            valid = j < key_end
+            allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position; key 0 in tile 0
+            m_i, l_i, acc = _attend_key_tile(
+                q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
+                offs_d, scale, k_cache_ptr, v_cache_ptr,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST)
+    else:
+        sink_end = 0
+    for n0 in range(sink_end, key_end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [N] key positions
         valid = j < key_end
         allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position; key 0 in tile 0
         m_i, l_i, acc = _attend_key_tile(
-            q1, q2, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head, inv_freq,
-            offs_half, offs_d, scale, k_cache_ptr, v_cache_ptr,
+            q, q, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
+            offs_d, scale, k_cache_ptr, v_cache_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_SIZE, HALF, HAS_SINKS, USE_DOT, IEEE, UPCAST)
+            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST)
 
     out = acc / l_i[:, None]  # [R, D]
     out_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -385,7 +380,8 @@ def _check_cache(cache: torch.Tensor) -> None:
 
 def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
-    """Store new k, v [T, num_kv_heads, head_dim] at their pool slots (slot < 0: skipped)."""
+    """Store new k (already rotated), v [T, num_kv_heads, head_dim] at their pool slots
+    (slot < 0: skipped)."""
     _check_cache(k_cache)
     _check_cache(v_cache)
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -405,17 +401,20 @@ def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     )
 
 
-def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, rotary: RotaryEmbedding, scale: float,
+def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            partition_size: int = DEFAULT_PARTITION_SIZE,
                            block_n: int | None = None) -> torch.Tensor:
-    """Paged attention for a flat batch of new queries q [T, Hq, D] (already rotated).
+    """Paged attention for a flat batch of new queries q [T, Hq, D], rotated at the tokens'
+    absolute positions; q_sink [T, Hq, D] (or None), rotated at their cache positions, scores
+    each sequence's first `meta.sink_lens` keys.
 
-    Same arguments and result as `model.attention.paged_attention`; returns [T, Hq, D] in
-    q's dtype. `partition_size` (keys per decode partition; a power of two >= 16) only trades
-    parallelism for merge work; `block_n` (keys per tile, a power of two >= 16) overrides the
-    default tile for tuning and tests. No host-device synchronisation: grids come from the Python ints
-    in `meta` (num_decode_seqs, max_query_len, max_decode_context_len).
+    Same arguments and result as `model.attention.paged_attention`: q_sink is ignored when
+    `meta.rope_positions` is None (no evictions) or `meta.max_sink_len` is 0. Returns
+    [T, Hq, D] in q's dtype. `partition_size` (keys per decode partition; a power of two >= 16)
+    only trades parallelism for merge work; `block_n` (keys per tile, a power of two >= 16)
+    overrides the default tile for tuning and tests. No host-device synchronisation: grids come
+    from the Python ints in `meta` (num_decode_seqs, max_query_len, max_decode_context_len).
     """
     _check_cache(k_cache)
     _check_cache(v_cache)
@@ -429,30 +428,35 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q ({q.dtype}) and the KV pool ({k_cache.dtype}, {v_cache.dtype}) differ in dtype")
+    sink_query = q_sink is not None and meta.rope_positions is not None and meta.max_sink_len > 0
+    if sink_query and (q_sink.shape != q.shape or q_sink.dtype != q.dtype):
+        raise ValueError(f"q_sink {tuple(q_sink.shape)} {q_sink.dtype} differs from q {tuple(q.shape)} {q.dtype}")
     group = num_heads // num_kv_heads
     q = q if q.stride(-1) == 1 else q.contiguous()
+    # Without a sink query the kernels never read q_sink (SINK_QUERY off): pass q in its place.
+    q_sink = (q_sink if q_sink.stride(-1) == 1 else q_sink.contiguous()) if sink_query else q
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    inv_freq = rotary.inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # [D/2]
-    has_sinks = meta.sink_gaps is not None
-    sink_lens = meta.sink_lens if has_sinks else meta.context_lens  # dummies when no sinks
-    sink_gaps = meta.sink_gaps if has_sinks else meta.context_lens
+    has_gaps = meta.sink_gaps is not None
+    # Dummy pointers where the kernels do not read them (sink_lens is set with gaps or evictions).
+    sink_lens = meta.sink_lens if has_gaps or sink_query else meta.context_lens
+    sink_gaps = meta.sink_gaps if has_gaps else meta.context_lens
     flags = dict(
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_SINKS=has_sinks,
-        USE_DOT=head_dim // 2 >= 16,  # tl.dot needs K >= 16
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_GAPS=has_gaps, SINK_QUERY=sink_query,
         IEEE=q.dtype == torch.float32,  # fp32 dots without TF32
         # Triton's interpreter (CPU tensors) computes tl.dot wrongly on bf16 operands.
         UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
     )
+    query_strides = (q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1), out.stride(0), out.stride(1))
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-    # Tiles and warps, chosen (without a GPU to time them) so that ptxas (triton 3.9, sm_80 and
-    # sm_90) keeps the 16-bit kernels for D = 32 .. 256 (nearly) free of register spills: key
-    # tiles of 64 keys for D <= 64, 32 for D = 128, 16 beyond (the fp32 rotation of the two
-    # [D/2, N] key halves and the [R, D] accumulator share the registers); prefill tiles of 64
-    # rows for D <= 64, 32 beyond; 8 warps. fp32 (not a speed target) takes 16-key tiles; it
-    # still spills a little from D = 128 on.
+    # Tiles and warps. They were chosen (without a GPU to time them) when the kernels still
+    # rotated each key tile in fp32, so that ptxas (triton 3.9, sm_80 and sm_90) kept the
+    # 16-bit kernels for D = 32 .. 256 (nearly) free of register spills: key tiles of 64 keys
+    # for D <= 64, 32 for D = 128, 16 beyond; prefill tiles of 64 rows for D <= 64, 32 beyond;
+    # 8 warps; fp32 (not a speed target) 16-key tiles. Without the rotation a tile needs fewer
+    # registers, so these are conservative; they have not been re-measured.
     is_fp32 = q.dtype == torch.float32
     num_warps = 4 if head_dim <= 32 else 8
     if block_n is None:
@@ -477,10 +481,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             acc_strides = part_acc.stride()[:3]
             ml_strides = part_ml.stride()[:3]
         _decode_kernel[(num_decode, num_kv_heads, num_parts)](
-            q, k_cache, v_cache, out, part_acc, part_ml,
-            meta.block_tables, meta.context_lens, sink_lens, sink_gaps, inv_freq,
+            q, q_sink, k_cache, v_cache, out, part_acc, part_ml,
+            meta.block_tables, meta.context_lens, sink_lens, sink_gaps,
             scale,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *query_strides,
             *cache_strides,
             meta.block_tables.stride(0),
             *acc_strides, *ml_strides,
@@ -502,11 +506,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_m = rows // group_pad
         grid = (triton.cdiv(meta.max_query_len, block_m), num_prefill, num_kv_heads)
         _prefill_kernel[grid](
-            q, k_cache, v_cache, out,
+            q, q_sink, k_cache, v_cache, out,
             meta.block_tables, meta.context_lens, meta.query_start_loc, meta.positions,
-            sink_lens, sink_gaps, inv_freq,
+            sink_lens, sink_gaps,
             scale, num_decode,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *query_strides,
             *cache_strides,
             meta.block_tables.stride(0),
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n,
