@@ -1,0 +1,129 @@
+"""Side-by-side microbenchmarks of the CPU choices the model makes, each against its alternative.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_levers.py [--model DIR] [--threads 1]
+
+For one model shape (default: the 76M-parameter shape of benchmarks/compare_servers.py, random
+weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleaved, medians:
+
+- `dtype`: a decoder layer's matmuls in float32 against bfloat16 (bf16 pays only where the CPU
+  has native bf16 matmuls, AMX or AVX512-BF16);
+- `compile`: the MLP block (norm, gate/up, SiLU, down, residual) eager against torch.compile
+  (dynamic shapes), and what compiling cost;
+- `gather`: reading a batch's cached keys slot by slot (advanced indexing) against whole blocks
+  (index_select on the block dimension), what the CPU attention does;
+- `attention`: decode attention as matmul + mask + softmax + matmul against PyTorch's
+  scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPE_76M = dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median microseconds of fn() over `repeats` calls in 5 rounds."""
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        rounds.append((time.perf_counter() - start) / repeats * 1e6)
+    return statistics.median(rounds)
+
+
+def compare(name: str, batch: int, variants: dict, repeats: int) -> None:
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {label: [] for label in variants}
+    for _ in range(3):  # interleaved
+        for label, fn in variants.items():
+            times[label].append(timed(fn, repeats))
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    base = next(iter(medians.values()))
+    cells = "  ".join(f"{label} {us:9.0f} us ({base / us:4.2f}x)" for label, us in medians.items())
+    print(f"{name:10} batch {batch:3}  {cells}")
+
+
+def mlp_block(hidden: int, intermediate: int, dtype: torch.dtype):
+    norm = torch.ones(hidden, dtype=dtype)
+    gate_up = torch.randn(2 * intermediate, hidden, dtype=dtype) * 0.02
+    down = torch.randn(hidden, intermediate, dtype=dtype) * 0.02
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(F.rms_norm(x, (hidden,), norm, 1e-5), gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, down)
+
+    return block
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a checkpoint directory (default: the 76M shape)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--context", type=int, default=160, help="cached tokens per sequence (attention)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = dict(SHAPE_76M)
+    if args.model:
+        from model.config import ModelConfig
+
+        cfg = ModelConfig.from_pretrained(args.model)
+        shape = dict(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                     kv_heads=cfg.num_key_value_heads, intermediate=cfg.intermediate_size)
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    head_dim = hidden // shape["heads"]
+    print(f"shape {shape}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for batch in (1, 64):
+            x32 = torch.randn(batch, hidden)
+            blocks = {dtype: mlp_block(hidden, inter, dtype) for dtype in (torch.float32, torch.bfloat16)}
+            compare("dtype", batch, {"float32": lambda: blocks[torch.float32](x32),
+                                     "bfloat16": lambda: blocks[torch.bfloat16](x32.bfloat16())}, 20)
+        eager = mlp_block(hidden, inter, torch.float32)
+        start = time.perf_counter()
+        compiled = torch.compile(eager, dynamic=True)
+        for batch in (1, 64):
+            compiled(torch.randn(batch, hidden))
+        print(f"compile    torch.compile of the MLP block, batch 1 and 64: {time.perf_counter() - start:.1f} s")
+        for batch in (1, 64):
+            x = torch.randn(batch, hidden)
+            compare("compile", batch, {"eager": lambda: eager(x), "compiled": lambda: compiled(x)}, 20)
+
+        block_size, kv_heads = 16, shape["kv_heads"]
+        num_blocks = -(-args.context // block_size)
+        cache = torch.randn(4096, block_size, kv_heads, head_dim)
+        group = shape["heads"] // kv_heads
+        for batch in (1, 64):
+            tables = torch.randint(0, cache.shape[0], (batch, num_blocks))
+            slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(batch, -1)
+            compare("gather", batch, {
+                "by slot": lambda: cache.view(-1, kv_heads, head_dim)[slots],
+                "by block": lambda: cache.index_select(0, tables.flatten()),
+            }, 20)
+            length = num_blocks * block_size
+            q = torch.randn(batch, kv_heads, group, head_dim)
+            k = torch.randn(batch, kv_heads, length, head_dim)
+            v = torch.randn(batch, kv_heads, length, head_dim)
+            mask = (torch.arange(length) < args.context)[None, None, None, :].expand(batch, 1, 1, -1)
+
+            def manual():
+                scores = torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5
+                probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+                return torch.matmul(probs, v)
+
+            compare("attention", batch, {
+                "matmul+softmax": manual,
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            }, 20)
+
+
+if __name__ == "__main__":
+    main()
