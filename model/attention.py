@@ -172,11 +172,12 @@ class _ReferencePlan:
     copy per block), in slot space: slot index i of sequence s holds its key
     j = i - sink_gap * (i >= sink_len), and the sink gap's slots hold none. Keys are stored
     rotated, so a key's slot index does not matter, only whether a query may see it. Per decode
-    group: the rows, their block ids [n, nb] and `allowed` [n, 1, nb * block_size]; for the
-    prefill chunks, padded to the longest: block ids, `allowed` [Bp, Qmax, L], and where each
+    group: the rows, their block ids [n, nb] and the mask of the slots each query may see,
+    [n, 1, 1, nb * block_size]; for the prefill chunks, padded to the longest: block ids, the mask
+    [Bp, 1, Qmax * G, L] (rows as `_grouped` orders them, G query heads per KV head), and where each
     token sits in the padding (its chunk, its offset)."""
 
-    def __init__(self, meta: AttentionMetadata, block_size: int, device: torch.device):
+    def __init__(self, meta: AttentionMetadata, block_size: int, group: int, device: torch.device):
         self.decodes: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.block_size = block_size
         num_decode = meta.num_decode_seqs
@@ -187,7 +188,7 @@ class _ReferencePlan:
         for rows, num_keys in groups:
             block_ids, key_of_slot = self._blocks(meta, rows, num_keys)  # key_of_slot [n, L]
             allowed = key_of_slot < meta.context_lens[rows][:, None]  # [n, L]
-            self.decodes.append((rows, block_ids, allowed[:, None]))
+            self.decodes.append((rows, block_ids, allowed[:, None, None]))
         self.prefill = None
         if num_decode < meta.num_seqs:
             starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
@@ -204,7 +205,8 @@ class _ReferencePlan:
             allowed = key_of_slot[:, None, :] <= query_pos[:, :, None]  # [Bp, Qmax, L]
             # A padding row with every key masked would softmax to NaN; let it see slot 0 instead.
             allowed[:, :, 0] |= query_pos < 0
-            self.prefill = (block_ids, allowed, seq_of_token, offset_of_token)
+            mask = allowed.repeat_interleave(group, dim=1)[:, None]  # [Bp, 1, Qmax * G, L]
+            self.prefill = (block_ids, mask, seq_of_token, offset_of_token, meta.max_query_len)
 
     def _blocks(self, meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,10 +226,10 @@ class _ReferencePlan:
         return block_ids, key_of_slot.masked_fill(in_gap, torch.iinfo(torch.int64).max)
 
     @classmethod
-    def of(cls, meta: AttentionMetadata, block_size: int, device: torch.device) -> "_ReferencePlan":
+    def of(cls, meta: AttentionMetadata, block_size: int, group: int, device: torch.device) -> "_ReferencePlan":
         plan = meta.reference_plan
         if plan is None:
-            plan = meta.reference_plan = cls(meta, block_size, device)
+            plan = meta.reference_plan = cls(meta, block_size, group, device)
         return plan
 
 
@@ -240,13 +242,13 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            block_ids: torch.Tensor, allowed: torch.Tensor, sink_lens: torch.Tensor | None, max_sink_len: int,
+            block_ids: torch.Tensor, mask: torch.Tensor, sink_lens: torch.Tensor | None, max_sink_len: int,
             scale: float) -> torch.Tensor:
     """q [B, Q, Hq, D] over the slots of blocks block_ids [B, nb] (L = nb * block_size slots);
     q_sink (same shape, or None) scores each sequence's first sink_lens [B] slots (its sinks)
     instead of q.
 
-    allowed [B, Q, L] says which slots each query may see. Returns [B, Q, Hq, D].
+    mask [B, 1, Q*G or 1, L] says which slots each query row may see (the plan's). Returns [B, Q, Hq, D].
     """
     num_seqs, num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -255,7 +257,6 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
     values = gather_blocks(v_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
     q_rows = _grouped(q, num_kv_heads)  # [B, Hkv, Q*G, D]
-    mask = allowed.repeat_interleave(group, dim=1)[:, None] if group > 1 and num_queries > 1 else allowed[:, None]
     if q_sink is not None and max_sink_len:
         # The sink keys' scores come from q_sink: added to the mask as the difference to q's.
         num_sink = min(max_sink_len, keys.shape[2])
@@ -286,23 +287,23 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
-    plan = _ReferencePlan.of(meta, k_cache.shape[1], q.device)
+    plan = _ReferencePlan.of(meta, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.device)
     if meta.rope_positions is None:
         q_sink = None
-    for rows, block_ids, allowed in plan.decodes:
+    for rows, block_ids, mask in plan.decodes:
         sink_lens = meta.sink_lens[rows] if q_sink is not None else None
         out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
-                            k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)[:, 0]
+                            k_cache, v_cache, block_ids, mask, sink_lens, meta.max_sink_len, scale)[:, 0]
     if plan.prefill is not None:
-        block_ids, allowed, seq_of_token, offset_of_token = plan.prefill
+        block_ids, mask, seq_of_token, offset_of_token, max_query_len = plan.prefill
         sink_lens = meta.sink_lens[num_decode:] if q_sink is not None else None
 
         def padded(x: torch.Tensor) -> torch.Tensor:  # [Tp, Hq, D] -> [Bp, Qmax, Hq, D]
-            padded_x = x.new_zeros(allowed.shape[:2] + x.shape[1:])
+            padded_x = x.new_zeros((mask.shape[0], max_query_len) + x.shape[1:])
             padded_x[seq_of_token, offset_of_token] = x
             return padded_x
 
         padded_out = _attend(padded(q[num_decode:]), padded(q_sink[num_decode:]) if q_sink is not None else None,
-                             k_cache, v_cache, block_ids, allowed, sink_lens, meta.max_sink_len, scale)
+                             k_cache, v_cache, block_ids, mask, sink_lens, meta.max_sink_len, scale)
         out[num_decode:] = padded_out[seq_of_token, offset_of_token]
     return out
