@@ -12,7 +12,13 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
 - `gather`: reading a batch's cached keys slot by slot (advanced indexing) against whole blocks
   (index_select on the block dimension), what the CPU attention does;
 - `attention`: decode attention as matmul + mask + softmax + matmul against PyTorch's
-  scaled_dot_product_attention.
+  scaled_dot_product_attention;
+- `matmul`: every layer's projections (qkv, o, gate/up, down; distinct weights per layer, so
+  they come from memory as in a forward) through `F.linear` (MKL's sgemm) against oneDNN's
+  matmul on the same dense weights (`model/linear.py`), at 1, 8, 64 and 256 rows;
+- `mask`: prefill attention (16 chunks of 128 queries over 256 slots) with a boolean mask
+  against the same mask made additive once (`scaled_dot_product_attention` converts a
+  boolean one at every call).
 """
 
 from __future__ import annotations
@@ -123,6 +129,36 @@ def main() -> None:
                 "matmul+softmax": manual,
                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
             }, 20)
+
+        q_size, kv_size = shape["heads"] * head_dim, kv_heads * head_dim
+        weights = [[torch.randn(rows, cols) * 0.02 for rows, cols in (
+            (q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter))]
+            for _ in range(shape["layers"])]
+
+        def projections(matmul, inputs):
+            for layer in weights:
+                for weight in layer:
+                    matmul(inputs[weight.shape[1]], weight)
+
+        def onednn(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+        for batch in (1, 8, 64, 256):
+            inputs = {cols: torch.randn(batch, cols) for cols in {hidden, q_size, inter}}
+            compare("matmul", batch, {"F.linear (MKL)": lambda: projections(F.linear, inputs),
+                                      "oneDNN": lambda: projections(onednn, inputs)}, 2)
+
+        chunks, queries, slots = 16, 128, 256
+        q = torch.randn(chunks, kv_heads, queries * group, head_dim)
+        k = torch.randn(chunks, kv_heads, slots, head_dim)
+        v = torch.randn(chunks, kv_heads, slots, head_dim)
+        causal = (torch.arange(slots)[None, :] <= torch.arange(queries)[:, None] + slots - queries)
+        allowed = causal.repeat_interleave(group, dim=0)[None, None].expand(chunks, 1, -1, -1).contiguous()
+        additive = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        compare("mask", chunks, {
+            "boolean": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+            "additive": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive),
+        }, 5)
 
 
 if __name__ == "__main__":

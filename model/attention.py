@@ -175,9 +175,12 @@ class _ReferencePlan:
     group: the rows, their block ids [n, nb] and the mask of the slots each query may see,
     [n, 1, 1, nb * block_size]; for the prefill chunks, padded to the longest: block ids, the mask
     [Bp, 1, Qmax * G, L] (rows as `_grouped` orders them, G query heads per KV head), and where each
-    token sits in the padding (its chunk, its offset)."""
+    token sits in the padding (its chunk, its offset). Masks are additive (0 where a query may
+    look, -inf where not) in the queries' dtype: a boolean mask would be converted so by
+    `scaled_dot_product_attention` at every layer."""
 
-    def __init__(self, meta: AttentionMetadata, block_size: int, group: int, device: torch.device):
+    def __init__(self, meta: AttentionMetadata, block_size: int, group: int, device: torch.device,
+                 dtype: torch.dtype):
         self.decodes: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.block_size = block_size
         num_decode = meta.num_decode_seqs
@@ -188,7 +191,7 @@ class _ReferencePlan:
         for rows, num_keys in groups:
             block_ids, key_of_slot = self._blocks(meta, rows, num_keys)  # key_of_slot [n, L]
             allowed = key_of_slot < meta.context_lens[rows][:, None]  # [n, L]
-            self.decodes.append((rows, block_ids, allowed[:, None, None]))
+            self.decodes.append((rows, block_ids, _additive(allowed[:, None, None], dtype)))
         self.prefill = None
         if num_decode < meta.num_seqs:
             starts = meta.query_start_loc[num_decode:] - num_decode  # [Bp + 1]
@@ -205,7 +208,7 @@ class _ReferencePlan:
             allowed = key_of_slot[:, None, :] <= query_pos[:, :, None]  # [Bp, Qmax, L]
             # A padding row with every key masked would softmax to NaN; let it see slot 0 instead.
             allowed[:, :, 0] |= query_pos < 0
-            mask = allowed.repeat_interleave(group, dim=1)[:, None]  # [Bp, 1, Qmax * G, L]
+            mask = _additive(allowed.repeat_interleave(group, dim=1)[:, None], dtype)  # [Bp, 1, Qmax * G, L]
             self.prefill = (block_ids, mask, seq_of_token, offset_of_token, meta.max_query_len)
 
     def _blocks(self, meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int
@@ -226,11 +229,17 @@ class _ReferencePlan:
         return block_ids, key_of_slot.masked_fill(in_gap, torch.iinfo(torch.int64).max)
 
     @classmethod
-    def of(cls, meta: AttentionMetadata, block_size: int, group: int, device: torch.device) -> "_ReferencePlan":
+    def of(cls, meta: AttentionMetadata, block_size: int, group: int, device: torch.device,
+           dtype: torch.dtype) -> "_ReferencePlan":
         plan = meta.reference_plan
         if plan is None:
-            plan = meta.reference_plan = cls(meta, block_size, group, device)
+            plan = meta.reference_plan = cls(meta, block_size, group, device, dtype)
         return plan
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as an additive one: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -248,7 +257,8 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
     q_sink (same shape, or None) scores each sequence's first sink_lens [B] slots (its sinks)
     instead of q.
 
-    mask [B, 1, Q*G or 1, L] says which slots each query row may see (the plan's). Returns [B, Q, Hq, D].
+    mask [B, 1, Q*G or 1, L], additive, says which slots each query row may see (the plan's).
+    Returns [B, Q, Hq, D].
     """
     num_seqs, num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -264,8 +274,7 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
         correction = torch.matmul(_grouped(q_sink, num_kv_heads), sink_keys).float()
         correction -= torch.matmul(q_rows, sink_keys).float()  # [B, Hkv, Q*G, S]
         is_sink = torch.arange(num_sink, device=q.device) < sink_lens[:, None]  # [B, S]
-        bias = torch.zeros(q_rows.shape[:-1] + keys.shape[2:3], dtype=q.dtype, device=q.device)  # [B, Hkv, Q*G, L]
-        bias.masked_fill_(~mask, float("-inf"))
+        bias = mask.expand(q_rows.shape[:-1] + keys.shape[2:3]).clone()  # [B, Hkv, Q*G, L]
         bias[..., :num_sink] += (correction * scale).masked_fill(~is_sink[:, None, None], 0.0).to(q.dtype)
         mask = bias  # [B, Hkv, Q*G, L]
     out = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, Q*G, D]
@@ -287,7 +296,7 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
     """
     out = torch.empty_like(q)
     num_decode = meta.num_decode_seqs
-    plan = _ReferencePlan.of(meta, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.device)
+    plan = _ReferencePlan.of(meta, k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.device, q.dtype)
     if meta.rope_positions is None:
         q_sink = None
     for rows, block_ids, mask in plan.decodes:

@@ -17,6 +17,7 @@ from torch import nn
 from model.attention import AttentionMetadata, paged_attention, write_kv
 from model.attention_backend import attention_functions
 from model.config import ModelConfig
+from model.linear import Linear
 from model.rotary import RotaryEmbedding, apply_rotary
 
 # One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
@@ -66,8 +67,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q_proj, k_proj and v_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         # The PyTorch reference until LlamaForCausalLM.set_attention_backend picks another.
         self.write_kv, self.paged_attention = write_kv, paged_attention
 
@@ -94,8 +95,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         # gate_proj and up_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
@@ -142,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -1,0 +1,50 @@
+"""`Linear`: nn.Linear whose CPU float32 matmuls of several rows run on oneDNN instead of MKL.
+
+PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. On the AVX2 EPYC that the CPU benchmarks
+run on (one thread), oneDNN's matmul on the same dense weight is 1.3-1.5x faster for 8 to 256
+rows (the model's projections, 12 layers of the 76M shape: 197 against 261 ms at 64 rows; the
+SmolLM2 LM head at 64 rows: 79 against 121 ms), and equal for one row, a memory-bound read of the
+weight, which therefore stays on `F.linear`. BENCHMARKS.md has the measurement
+(`benchmarks/cpu_levers.py`). The weight stays an ordinary dense parameter: nothing is repacked,
+checkpoints load by name as before, and memory is unchanged.
+
+oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler
+emits for CPU linears; a build without it (or one where it fails once) falls back to `F.linear`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+_onednn_usable: bool | None = None  # None: not probed yet
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build runs `_linear_pointwise` (probed once, on a tiny matmul)."""
+    global _onednn_usable
+    if _onednn_usable is None:
+        _onednn_usable = False
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            try:
+                x, w = torch.ones(2, 3), torch.ones(4, 3)
+                with torch.inference_mode():
+                    y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                _onednn_usable = bool(torch.equal(y, F.linear(x, w)))
+            except Exception:  # an op this build lacks or rejects: MKL it is
+                logger.debug("oneDNN linear unavailable", exc_info=True)
+    return _onednn_usable
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 1
+                and not torch.is_grad_enabled() and onednn_linear_available()):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
