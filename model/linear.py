@@ -1,11 +1,11 @@
 """`Linear`: nn.Linear whose CPU float32 matmuls of several rows run on oneDNN instead of MKL.
 
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. On the AVX2 EPYC that the CPU benchmarks
-run on (one thread), oneDNN's matmul on the same dense weight is 1.3-1.5x faster for 8 to 256
-rows (the model's projections, 12 layers of the 76M shape: 197 against 261 ms at 64 rows; the
-SmolLM2 LM head at 64 rows: 79 against 121 ms), and equal for one row, a memory-bound read of the
-weight, which therefore stays on `F.linear`. BENCHMARKS.md has the measurement
-(`benchmarks/cpu_levers.py`). The weight stays an ordinary dense parameter: nothing is repacked,
+run on (one thread), oneDNN's matmul on the same dense weights runs the 12 layers' projections of
+the 76M shape 1.13x faster at 8 rows, 1.23x at 64 and 1.09x at 256, and equally fast at one row
+(a memory-bound read of the weights), where a small model's layers are up to 1.3x slower through
+oneDNN's per-call overhead: one row therefore stays on `F.linear`. BENCHMARKS.md has the
+measurement (`benchmarks/cpu_levers.py`). The weight stays an ordinary dense parameter: nothing is repacked,
 checkpoints load by name as before, and memory is unchanged.
 
 oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler
