@@ -16,6 +16,12 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
 - `matmul`: every layer's projections (qkv, o, gate/up, down; distinct weights per layer, so
   they come from memory as in a forward) through `F.linear` (MKL's sgemm) against oneDNN's
   matmul on the same dense weights (`model/linear.py`), at 1, 8, 64 and 256 rows;
+- `matmul-small`: one small weight, which stays in the cache (stories260K's and the 15M
+  shape's projections), at 64 rows, `F.linear` against oneDNN: why `model/linear.py` keeps
+  weights under 2^20 elements on MKL;
+- `contention`: the 76M shape's gate/up matmul at 64 rows alone, then while another process
+  keeps the other CPU busy in a Python loop (what an HTTP server's threads do to the engine,
+  whichever process they live in);
 - `mask`: prefill attention (16 chunks of 128 queries over 256 slots) with a boolean mask
   against the same mask made additive once (`scaled_dot_product_attention` converts a
   boolean one at every call).
@@ -24,6 +30,7 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 
@@ -55,6 +62,11 @@ def compare(name: str, batch: int, variants: dict, repeats: int) -> None:
     base = next(iter(medians.values()))
     cells = "  ".join(f"{label} {us:9.0f} us ({base / us:4.2f}x)" for label, us in medians.items())
     print(f"{name:10} batch {batch:3}  {cells}")
+
+
+def spin(stop) -> None:
+    while not stop.is_set():
+        pass
 
 
 def mlp_block(hidden: int, intermediate: int, dtype: torch.dtype):
@@ -147,6 +159,23 @@ def main() -> None:
             inputs = {cols: torch.randn(batch, cols) for cols in {hidden, q_size, inter}}
             compare("matmul", batch, {"F.linear (MKL)": lambda: projections(F.linear, inputs),
                                       "oneDNN": lambda: projections(onednn, inputs)}, 2)
+
+        for rows, cols in ((192, 64), (480, 288), (1536, 288)):
+            x, weight = torch.randn(64, cols), torch.randn(rows, cols)
+            compare("matmul-small", 64, {f"{rows}x{cols} F.linear": lambda: F.linear(x, weight),
+                                         "oneDNN": lambda: onednn(x, weight)}, 200)
+
+        x, weight = torch.randn(64, hidden), torch.randn(2 * inter, hidden)
+        alone = timed(lambda: F.linear(x, weight), 20)
+        stop = multiprocessing.Event()
+        busy = multiprocessing.Process(target=spin, args=(stop,), daemon=True)
+        busy.start()
+        time.sleep(0.5)
+        contended = timed(lambda: F.linear(x, weight), 20)
+        stop.set()
+        busy.join()
+        print(f"contention batch  64  alone {alone:9.0f} us (1.00x)  other CPU busy {contended:9.0f} us "
+              f"({alone / contended:4.2f}x)")
 
         chunks, queries, slots = 16, 128, 256
         q = torch.randn(chunks, kv_heads, queries * group, head_dim)

@@ -4,6 +4,7 @@ prompts through the async engine with latency metrics, logprob and usage formatt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -130,56 +131,80 @@ async def run_prompts(state: ServerState, job: Job) -> AsyncIterator[tuple[int, 
     Closing the iterator early (disconnect, shutdown) aborts what is still running.
     """
     arrival = time.monotonic()
+    last_token_time: dict[tuple[int, int], float] = {}
+    num_finished = [0] * len(job.prompts)
+    failed_prompt = None  # the prompt whose request failed in the engine
+    try:
+        async with contextlib.aclosing(_engine_outputs(state, job)) as items:
+            async for index, item in items:
+                if isinstance(item, Exception):
+                    if isinstance(item, RequestFailedError):
+                        failed_prompt = index
+                    raise item
+                now = time.monotonic()
+                for out in item:
+                    key = (index, out.index)
+                    if out.new_token_ids:
+                        previous = last_token_time.get(key)
+                        if previous is None:
+                            state.metrics.time_to_first_token.observe(now - arrival)
+                        else:
+                            state.metrics.inter_token_latency.observe(now - previous)
+                        last_token_time[key] = now
+                    if out.finished:
+                        num_finished[index] += 1
+                        state.metrics.e2e_latency.observe(now - arrival)
+                        state.metrics.finished(out.finish_reason or "abort")
+                    yield index, out
+    finally:
+        # Completions cut short here (the client left, or an error) are aborted by the engine.
+        for index, finished in enumerate(num_finished):
+            for _ in range(job.params.n - finished):
+                state.metrics.finished("error" if index == failed_prompt else "abort")
+
+
+async def _engine_outputs(state: ServerState, job: Job
+                          ) -> AsyncIterator[tuple[int, list[RequestOutput] | Exception]]:
+    """(prompt index, one engine step's outputs) for every prompt of a job, in arrival order; an
+    engine error ends a prompt as (index, exception). One prompt (the usual case) is read
+    directly, several through a task each and a queue. Closing the iterator aborts the prompts
+    still running (closing or cancelling `AsyncEngine.generate` aborts its request)."""
+    def request_id(index: int) -> str:
+        return f"{job.request_id}-{index}"
+
+    if len(job.prompts) == 1:
+        try:
+            async with contextlib.aclosing(state.engine.generate(request_id(0), job.prompts[0], job.params,
+                                                                 **job.options)) as outputs:
+                async for item in outputs:
+                    yield 0, item
+        except Exception as exc:
+            yield 0, exc
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(index: int, token_ids: list[int]):
         try:
-            async for outputs in state.engine.generate(f"{job.request_id}-{index}", token_ids, job.params,
-                                                       **job.options):
+            async for outputs in state.engine.generate(request_id(index), token_ids, job.params, **job.options):
                 await queue.put((index, outputs))
             await queue.put((index, done))
         except Exception as exc:
             await queue.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(job.prompts)]
-    last_token_time: dict[tuple[int, int], float] = {}
-    num_finished = [0] * len(job.prompts)
-    failed_prompt = None  # the prompt whose request failed in the engine
     try:
         remaining = len(tasks)
         while remaining:
             index, item = await queue.get()
             if item is done:
                 remaining -= 1
-                continue
-            if isinstance(item, Exception):
-                if isinstance(item, RequestFailedError):
-                    failed_prompt = index
-                raise item
-            now = time.monotonic()
-            for out in item:
-                key = (index, out.index)
-                if out.new_token_ids:
-                    previous = last_token_time.get(key)
-                    if previous is None:
-                        state.metrics.time_to_first_token.observe(now - arrival)
-                    else:
-                        state.metrics.inter_token_latency.observe(now - previous)
-                    last_token_time[key] = now
-                if out.finished:
-                    num_finished[index] += 1
-                    state.metrics.e2e_latency.observe(now - arrival)
-                    state.metrics.finished(out.finish_reason or "abort")
-                yield index, out
+            else:
+                yield index, item
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Completions cut short here (the client left, or an error) are aborted by the engine.
-        for index, finished in enumerate(num_finished):
-            for _ in range(job.params.n - finished):
-                state.metrics.finished("error" if index == failed_prompt else "abort")
 
 
 async def until_disconnected(request: Request, coro):

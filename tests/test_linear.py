@@ -15,8 +15,10 @@ def layer():
     return Linear(96, 200, bias=True)
 
 
+@pytest.mark.parametrize("min_weight", [0, linear.MIN_ONEDNN_WEIGHT])  # oneDNN, MKL
 @pytest.mark.parametrize("rows", [1, 2, 7, 64])
-def test_matches_f_linear(layer, rows):
+def test_matches_f_linear(layer, rows, min_weight, monkeypatch):
+    monkeypatch.setattr(linear, "MIN_ONEDNN_WEIGHT", min_weight)
     x = torch.randn(rows, 96)
     with torch.inference_mode():
         got = layer(x)
@@ -39,9 +41,11 @@ def test_several_rows_run_on_onednn(layer, monkeypatch):
 
     monkeypatch.setattr(linear.torch.ops, "mkldnn", Ops)
     with torch.inference_mode():
+        layer(torch.randn(5, 96))  # a weight below MIN_ONEDNN_WEIGHT: F.linear
+        monkeypatch.setattr(linear, "MIN_ONEDNN_WEIGHT", layer.weight.numel())
         layer(torch.randn(5, 96))
         layer(torch.randn(1, 96))  # one row: F.linear
-        Linear(96, 8).double()(torch.randn(5, 96).double())  # not float32: F.linear
+        Linear(96, 200).double()(torch.randn(5, 96).double())  # not float32: F.linear
     with torch.no_grad():
         layer(torch.randn(3, 96)[:, None].squeeze(1))
     assert calls == [(5, 96), (3, 96)]
