@@ -33,8 +33,9 @@ from benchmarks.compare_servers import (DEFAULT_WORK_DIR, KV_BLOCK_SIZE, MODELS,
                                         make_prompts, prepare_checkpoint)
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
+from server.async_engine import ENGINE_THREAD_NAME
 
-ENGINE_THREAD = "sinkserve-engin"  # the engine thread's name as Linux keeps it (15 characters)
+ENGINE_THREAD = ENGINE_THREAD_NAME[:15]  # the name as Linux keeps it
 
 
 def engine_for(checkpoint: Checkpoint, workload: Workload) -> Engine:
@@ -54,8 +55,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], workload: Workload) -> 
         first: dict[str, float] = {}
         tokens: dict[str, int] = {}
         done: dict[str, float] = {}
-        for i, prompt in enumerate(batch):
-            engine.add_request(f"r{len(records) + i}", prompt, params)
+        request_ids = [f"r{len(records) + i}" for i in range(len(batch))]
+        for request_id, prompt in zip(request_ids, batch):
+            engine.add_request(request_id, prompt, params)
         while engine.has_unfinished_requests():
             outputs = engine.step()
             now = time.perf_counter()
@@ -66,7 +68,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], workload: Workload) -> 
                 if out.finished:
                     done[out.request_id] = now
         records += [RequestRecord(len(p), tokens[rid], first[rid] - start, done[rid] - start)
-                    for p, rid in zip(batch, (f"r{len(records) + i}" for i in range(len(batch))))]
+                    for p, rid in zip(batch, request_ids)]
     return records, time.perf_counter() - wall
 
 

@@ -209,7 +209,7 @@ class _ReferencePlan:
             # A padding row with every key masked would softmax to NaN; let it see slot 0 instead.
             allowed[:, :, 0] |= query_pos < 0
             mask = _additive(allowed.repeat_interleave(group, dim=1)[:, None], dtype)  # [Bp, 1, Qmax * G, L]
-            self.prefill = (block_ids, mask, seq_of_token, offset_of_token, meta.max_query_len)
+            self.prefill = (block_ids, mask, seq_of_token, offset_of_token)
 
     def _blocks(self, meta: AttentionMetadata, rows: slice | torch.Tensor, num_keys: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,11 +304,11 @@ def paged_attention(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch
         out[rows] = _attend(q[rows][:, None], q_sink[rows][:, None] if q_sink is not None else None,
                             k_cache, v_cache, block_ids, mask, sink_lens, meta.max_sink_len, scale)[:, 0]
     if plan.prefill is not None:
-        block_ids, mask, seq_of_token, offset_of_token, max_query_len = plan.prefill
+        block_ids, mask, seq_of_token, offset_of_token = plan.prefill
         sink_lens = meta.sink_lens[num_decode:] if q_sink is not None else None
 
         def padded(x: torch.Tensor) -> torch.Tensor:  # [Tp, Hq, D] -> [Bp, Qmax, Hq, D]
-            padded_x = x.new_zeros((mask.shape[0], max_query_len) + x.shape[1:])
+            padded_x = x.new_zeros((mask.shape[0], meta.max_query_len) + x.shape[1:])
             padded_x[seq_of_token, offset_of_token] = x
             return padded_x
 

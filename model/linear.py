@@ -3,11 +3,11 @@
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. On the AVX2 EPYC that the CPU benchmarks
 run on (one thread), oneDNN's matmul on the same dense weights runs the 12 layers' projections of
 the 76M shape 1.04-1.14x faster at 8 rows, 1.08-1.25x at 64 and 1.09-1.12x at 256 (three runs):
-weights that stream from memory. At one row (a memory-bound read of the weights) MKL is as fast
-or faster (0.88-1.03x), a small model's layers are up to 1.3x slower through oneDNN's per-call
-overhead, and small weights, which stay in the cache, are up to 2.7x slower on oneDNN. So oneDNN gets the matmuls of several rows with a
-weight of at least MIN_ONEDNN_WEIGHT elements, MKL the rest. BENCHMARKS.md has the measurements
-(`benchmarks/cpu_levers.py`). The weight stays an ordinary dense parameter: nothing is repacked,
+weights that stream from memory. At one row (a memory-bound read of the weights) oneDNN is
+0.88-1.03x MKL's speed, and on small weights, which stay in the cache, 0.37-0.97x (about 50 us
+more per call). So oneDNN gets the matmuls of several rows with a weight of at least
+MIN_ONEDNN_WEIGHT elements, MKL the rest. BENCHMARKS.md has the measurements
+(`benchmarks/cpu_levers.py`: `matmul`, `matmul-small`). The weight stays an ordinary dense parameter: nothing is repacked,
 checkpoints load by name as before, and memory is unchanged.
 
 oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler
@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 _onednn_usable: bool | None = None  # None: not probed yet
 
 # Weights of fewer elements (4 MiB in float32) stay on MKL: they sit in the cache across a
-# forward, where MKL is faster, and oneDNN's per-call cost (50-100 us here) would dominate a
-# tiny model's step.
+# forward, where MKL is faster, and oneDNN's per-call cost would dominate a tiny model's step.
 MIN_ONEDNN_WEIGHT = 1 << 20
 
 
