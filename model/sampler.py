@@ -1,7 +1,8 @@
 """Batched token sampling for one engine step: penalties, temperature, top-k/top-p/min-p, logprobs.
 
 Semantics follow vLLM and the OpenAI API:
-- Order: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+- Order: logit_bias -> penalties -> temperature -> top-k -> top-p -> min-p -> sample. The bias
+  applies to greedy rows too (a bias of -100 bans a token at any temperature).
 - repetition_penalty (vLLM/CTRL): tokens seen in the prompt or the output have positive logits
   divided by it and negative logits multiplied by it. frequency_penalty and presence_penalty
   (OpenAI) count the output tokens only: logit -= frequency * count + presence * (count > 0).
@@ -73,7 +74,7 @@ class Sampler:
             if (row.generator is None) != (row.params.seed is None):
                 raise ValueError("a row needs a generator exactly when its params have a seed")
         raw = logits.float()
-        token_ids = sample(apply_penalties(raw, rows), rows)
+        token_ids = sample(apply_penalties(apply_logit_bias(raw, rows), rows), rows)
         requested = [row.params.logprobs for row in rows if row.params.logprobs is not None]
         if not requested:
             return SamplerOutput(token_ids)
@@ -114,6 +115,19 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         return sampled
     greedy_mask = _to_device(greedy, torch.bool, device)
     return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits [N, V]; returns new logits with each row's (token, bias) pairs added (the input is
+    # left as it was, for logprobs), or the input itself when no row has a bias.
+    pairs = [(i, token_id, bias) for i, row in enumerate(rows) for token_id, bias in row.params.logit_bias]
+    if not pairs:
+        return logits
+    row_ids, token_ids, biases = zip(*pairs)
+    if max(token_ids) >= logits.shape[-1]:
+        raise ValueError(f"logit_bias token ids must be in [0, {logits.shape[-1]})")
+    index = (_to_device(row_ids, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device))
+    return logits.index_put(index, _to_device(biases, logits.dtype, logits.device), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

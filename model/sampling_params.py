@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+# Stop strings: OpenAI takes at most 4, vLLM any number. 64 strings of up to 256 characters is
+# far more than chat markers and code delimiters need, and bounds what a request can cost: the
+# stop-string automaton has at most 64 * 256 nodes (about 4 MB, built in some 30 ms), and at most
+# 256 characters of output are held back while they could begin a stop string.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
 
 
 class SamplingParamsError(ValueError):
@@ -43,11 +49,24 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias; a dict is
+    # accepted and stored sorted, so the params stay hashable)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         # Lists are accepted for convenience and stored as tuples so the params stay hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        # Checked apart from the list below, whose message would repeat the whole stop list.
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError("stop", f"stop may hold at most {MAX_STOP_STRINGS} strings, "
+                                              f"got {len(self.stop)}")
+        longest = max((len(s) for s in self.stop if isinstance(s, str)), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise SamplingParamsError("stop", f"stop strings may be at most {MAX_STOP_STRING_CHARS} "
+                                              f"characters long, got one of {longest}")
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -67,6 +86,8 @@ class SamplingParams:
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
              f"must be in [0, {MAX_LOGPROBS}]"),
             # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
+            ("logit_bias", all(-100.0 <= b <= 100.0 and t >= 0 for t, b in self.logit_bias),
+             "must map token ids to biases in [-100, 100]"),
             ("seed", self.seed is None or -2**63 <= self.seed < 2**64, "must be a 64-bit integer"),
         ]
         for param, ok, message in checks:

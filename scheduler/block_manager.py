@@ -24,6 +24,14 @@ def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
+def salt_root(cache_salt: str | None) -> bytes | None:
+    """The parent digest of a salted sequence's first block: sequences share cached blocks only
+    with sequences of the same salt (None: the unsalted chain)."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+
+
 @dataclass
 class _Block:
     block_id: int
@@ -38,6 +46,7 @@ class _SeqBlocks:
     hashes: list[bytes] = field(default_factory=list)
     # After an eviction the table no longer lines up with the tokens: nothing more is cached.
     frozen: bool = False
+    root: bytes | None = None  # the parent digest of the first block (salt_root)
 
 
 class BlockManager:
@@ -79,19 +88,21 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._blocks[block_id].ref_count
 
-    def start(self, seq_id: str, token_ids: Sequence[int], max_hit_tokens: int | None = None) -> int:
+    def start(self, seq_id: str, token_ids: Sequence[int], max_hit_tokens: int | None = None,
+              cache_salt: str | None = None) -> int:
         """Open a block table for a sequence about to be computed from token_ids.
 
         Takes the longest cached prefix of whole blocks, stopping short of the last token
-        (its logits are needed, so it is always computed) and of max_hit_tokens. Returns the
-        number of tokens whose K/V is already in the table.
+        (its logits are needed, so it is always computed) and of max_hit_tokens, among the
+        blocks cached under the same `cache_salt`. Returns the number of tokens whose K/V is
+        already in the table.
         """
         if seq_id in self._seqs:
             raise KeyError(f"sequence {seq_id!r} already has blocks")
-        seq = self._seqs[seq_id] = _SeqBlocks()
+        seq = self._seqs[seq_id] = _SeqBlocks(root=salt_root(cache_salt))
         if not self.enable_prefix_caching:
             return 0
-        parent = None
+        parent = seq.root
         limit = len(token_ids) - 1 if max_hit_tokens is None else min(len(token_ids) - 1, max_hit_tokens)
         for i in range(limit // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -140,7 +151,7 @@ class BlockManager:
         seq = self._seqs[seq_id]
         if not self.enable_prefix_caching or seq.frozen:
             return
-        parent = seq.hashes[-1] if seq.hashes else None
+        parent = seq.hashes[-1] if seq.hashes else seq.root
         for i in range(len(seq.hashes), num_computed // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block = self._blocks[seq.table[i]]
@@ -156,7 +167,7 @@ class BlockManager:
         parent = self._seqs[parent_id]
         for block_id in parent.table:
             self._take(block_id)
-        self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes), parent.frozen)
+        self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes), parent.frozen, parent.root)
 
     def rename(self, seq_id: str, new_id: str) -> None:
         """Hand a sequence's blocks to another owner id (a session keeping a request's cache)."""
@@ -192,11 +203,17 @@ class BlockManager:
         seq.frozen = True
         self._release(seq.table.pop(index))
 
-    def free(self, seq_id: str) -> None:
-        """Drop the sequence's references; unreferenced cached blocks stay hit-able."""
+    def free(self, seq_id: str, forget: bool = False) -> None:
+        """Drop the sequence's references; unreferenced cached blocks stay hit-able, unless
+        `forget`: then the blocks nobody else holds leave the prefix cache too (an ended
+        session's history can no longer be found by anyone)."""
         seq = self._seqs.pop(seq_id)
         # Tail first, so a prompt's later blocks are evicted before its shared beginning.
         for block_id in reversed(seq.table):
+            block = self._blocks[block_id]
+            if forget and block.ref_count == 1 and block.hash is not None:
+                del self._cache[block.hash]
+                block.hash = None
             self._release(block_id)
 
     def _take(self, block_id: int) -> None:

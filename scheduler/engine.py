@@ -162,11 +162,13 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     attention_sinks: int | None = None, attention_window: int | None = None,
-                    session_id: str | None = None, deadline: float | None = None) -> list[int]:
+                    session_id: str | None = None, deadline: float | None = None,
+                    cache_salt: str | None = None) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises ValueError for bad input.
 
         `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
         `session_id` keeps the request's cache for the session's next request (sessions.py);
+        `cache_salt` lets it share prefix-cache blocks only with requests of the same salt;
         at `deadline` (time.monotonic()) the request ends, waiting or running, with finish
         reason "timeout" and what it has generated so far.
         """
@@ -179,7 +181,8 @@ class Engine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         policy = self.sink_policy(attention_sinks, attention_window)
         self.check_prompt(token_ids, params, policy)
-        request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id)
+        request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id,
+                          cache_salt=cache_salt)
         self._groups[request_id] = [request]
         self.output_processor.add(request)
         self.scheduler.add_request(request)
@@ -197,6 +200,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if policy is not None:
             if policy.capacity_blocks() > self.block_manager.num_blocks:
                 raise ValueError("the KV pool cannot hold one sequence under this sink policy")

@@ -2,7 +2,8 @@
 
 Per request: an incremental detokenizer, and a text tail held back while it could still be
 the beginning of a stop string, so that stop text never reaches the output even when it spans
-several tokens.
+several tokens. Stop strings are found by an automaton fed each token's new text
+(stop_strings.py), at a cost that does not grow with their number.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from scheduler.request import FinishReason, Request
+from scheduler.stop_strings import StopStringMatcher, automaton_for
 
 if TYPE_CHECKING:
     from model.tokenizer import Detokenizer, Tokenizer
@@ -45,6 +47,7 @@ class RequestOutput:
 @dataclass
 class _TextState:
     detokenizer: Detokenizer
+    stop_matcher: StopStringMatcher | None  # None: the request has no stop strings
     held: str = ""  # decoded text not yet emitted: it may start a stop string
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
@@ -61,7 +64,8 @@ class OutputProcessor:
     def add(self, request: Request) -> None:
         detok = self.tokenizer.detokenizer(request.prompt_token_ids,
                                            skip_special_tokens=request.params.skip_special_tokens)
-        self._states[request.request_id] = _TextState(detok)
+        matcher = StopStringMatcher(automaton_for(request.params.stop)) if request.params.stop else None
+        self._states[request.request_id] = _TextState(detok, matcher)
 
     def remove(self, request: Request) -> None:
         self._states.pop(request.request_id, None)
@@ -97,14 +101,19 @@ class OutputProcessor:
         delta = state.detokenizer.push([] if hide_token else [token_id])
         state.held += delta
         text = ""
-        if params.stop and finish is not FinishReason.STOP and request.num_output_tokens >= params.min_tokens:
-            string_finish, string, text = self._check_stop_strings(state, params)
-            if string_finish is not None:
-                finish, stop_reason = string_finish, string
+        if state.stop_matcher is not None:
+            match = state.stop_matcher.feed(delta)  # one ending before min_tokens outputs does not count
+            if (match is not None and finish is not FinishReason.STOP
+                    and request.num_output_tokens >= params.min_tokens):
+                # It ends in `delta`; it starts in `held`, which keeps all that could begin one.
+                start = len(state.held) - len(delta) + match.end - len(match.stop)
+                end = start + len(match.stop) if params.include_stop_str_in_output else start
+                text, state.held = state.held[:end], ""
+                finish, stop_reason = FinishReason.STOP, match.stop
         if finish is None:
             # Hold back what could still be the start of a stop string.
-            keep = max(map(len, params.stop), default=1) - 1
-            cut = max(len(state.held) - keep, 0)
+            keep = state.stop_matcher.held_length if state.stop_matcher is not None else 0
+            cut = len(state.held) - keep
             text, state.held = text + state.held[:cut], state.held[cut:]
         elif not isinstance(stop_reason, str):
             text += state.held + state.detokenizer.flush()
@@ -134,20 +143,6 @@ class OutputProcessor:
         if request.sink_policy is None and request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
-
-    @staticmethod
-    def _check_stop_strings(state: _TextState, params) -> tuple[FinishReason | None, str | None, str]:
-        # Every stop string lies wholly inside the held tail: emitted text never ends with the
-        # first len(stop) - 1 characters of one.
-        found = [(state.held.find(stop), stop) for stop in params.stop]
-        found = [(pos, stop) for pos, stop in found if pos >= 0]
-        if not found:
-            return None, None, ""
-        pos, stop = min(found)
-        end = pos + len(stop) if params.include_stop_str_in_output else pos
-        text = state.held[:end]
-        state.held = ""
-        return FinishReason.STOP, stop, text
 
     def banned_token_ids(self, request: Request) -> list[int]:
         """Tokens that must not be sampled yet: stop tokens before min_tokens outputs."""

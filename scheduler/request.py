@@ -39,6 +39,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     sink_policy: SinkPolicy | None = None  # StreamingLLM eviction; None: dense attention
     session_id: str | None = None  # keep the cache for the session's next request
+    cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
     index: int = 0  # which of the params.n completions of one prompt this is
     parent_id: str | None = None  # the request that prompt belongs to (None: this one)
     token_ids: list[int] = field(init=False)  # prompt + output

@@ -78,14 +78,16 @@ class Scheduler:
                 self.waiting.remove(request)
         elif request in self.running:  # running, or already marked finished by the output processor
             self.running.remove(request)
-        if self.block_manager.has_seq(request.request_id):
-            if request.session_id is None:
+        has_cache = self.block_manager.has_seq(request.request_id)
+        # A cache from a failed computation is not kept. A session request that ends with no
+        # cache (waiting, or failed) frees its session all the same.
+        if request.session_id is not None and has_cache and reason is not FinishReason.ERROR:
+            self.sessions.keep(request)
+        else:
+            if has_cache:
                 self.block_manager.free(request.request_id)
-            elif reason is FinishReason.ERROR:  # a cache from a failed computation is not kept
+            if request.session_id is not None:
                 self.sessions.release(request)
-                self.block_manager.free(request.request_id)
-            else:
-                self.sessions.keep(request)
         if not request.is_finished:
             request.finish(reason, stop_reason)
 
@@ -135,12 +137,15 @@ class Scheduler:
             max_hit = policy.capacity if policy else None
             if request.params.prompt_logprobs is not None and request.num_output_tokens == 0:
                 max_hit = 0  # every prompt token is scored: none may come from the prefix cache
-            request.num_computed_tokens = bm.start(request.request_id, request.token_ids, max_hit)
+            request.num_computed_tokens = bm.start(request.request_id, request.token_ids, max_hit,
+                                                   request.cache_salt)
         num_hit = request.num_computed_tokens
         num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
         while (copies := bm.allocate_slots(request.request_id, request.num_cache_slots, num_new)) is None:
             if not self.sessions.release_idle():
                 bm.free(request.request_id)  # an adopted session is lost: rebuilt from the prompt
+                if request.session_id is not None:
+                    self.sessions.release(request)
                 request.reset_cache_state()
                 return None
         if reused is None:
@@ -268,6 +273,7 @@ class Scheduler:
                 params=replace(parent.params, n=1),
                 arrival_time=parent.arrival_time,
                 sink_policy=parent.sink_policy,
+                cache_salt=parent.cache_salt,
                 index=index,
                 parent_id=parent.request_id,
             )

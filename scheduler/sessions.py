@@ -46,6 +46,7 @@ class SessionStore:
         self.ttl = ttl
         self._idle: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._busy: dict[str, str] = {}  # session id -> the request that holds its cache now
+        self._ended: set[str] = set()  # requests whose session was ended while they ran
         self.num_reused_tokens = 0
 
     def __len__(self) -> int:
@@ -84,8 +85,11 @@ class SessionStore:
     def keep(self, request: Request) -> None:
         """Take over a finished request's cache for its session (instead of freeing it)."""
         if self._busy.get(request.session_id) != request.request_id or request.num_computed_tokens == 0:
-            # Not the session's request (concurrent, or the session was ended meanwhile).
-            self.block_manager.free(request.request_id)
+            # Not the session's request (concurrent, or the session was ended meanwhile), or
+            # nothing computed to keep. An ended session's history leaves the prefix cache too.
+            forget = request.request_id in self._ended
+            self.release(request)
+            self.block_manager.free(request.request_id, forget=forget)
             return
         del self._busy[request.session_id]
         session = Session(
@@ -95,18 +99,23 @@ class SessionStore:
         self._idle[request.session_id] = session
 
     def release(self, request: Request) -> None:
-        """A request of the session lost its cache (preempted): it will start afresh."""
+        """A request of the session lost its cache (preempted, or no blocks for its new tokens),
+        or ended without one to keep (failed, or aborted or timed out while waiting): the
+        session is free again, and its next request starts afresh."""
         if self._busy.get(request.session_id) == request.request_id:
             del self._busy[request.session_id]
+        self._ended.discard(request.request_id)
 
     def drop(self, session_id: str) -> bool:
-        """End a session and free its blocks; False if there was none."""
+        """End a session and free its blocks, which leave the prefix cache too (nobody can find
+        its history any more); False if there was none."""
         session = self._idle.pop(session_id, None)
         if session is not None:
-            self.block_manager.free(session.blocks_key)
+            self.block_manager.free(session.blocks_key, forget=True)
             return True
         if session_id in self._busy:
-            del self._busy[session_id]  # its running request finishes without keeping a cache
+            # Its running request finishes without keeping a cache, and forgets its blocks.
+            self._ended.add(self._busy.pop(session_id))
             return True
         return False
 

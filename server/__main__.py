@@ -27,14 +27,29 @@ from scheduler.engine_config import EngineConfig
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
 from server.chat_template import ChatTemplate, ChatTemplateError
+from server.connections import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KEEP_ALIVE_TIMEOUT,
+                                MAX_REQUEST_HEAD_BYTES, ConnectionGuard, connection_limits, http_protocol,
+                                quiet_repeated_logs)
 from server.logs import configure_logging
 from server.metrics import Metrics
-from server.serving import ServerState, load_generation_defaults
+from server.middleware import DEFAULT_BODY_TIMEOUT
+from server.serving import DEFAULT_MAX_OUTPUT_TOKENS, ServerState, load_generation_defaults
 
 logger = logging.getLogger("sinkserve")
 
 # Errors in the files named by --model (found before any weight is read where they can be).
 MODEL_ERRORS = (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError)
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above 0."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value"
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-window", type=int, default=None,
                    help="StreamingLLM recent window in tokens (default: none, dense attention)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
+    p.add_argument("--max-output-tokens", type=positive(int), default=DEFAULT_MAX_OUTPUT_TOKENS,
+                   help="output tokens per completion at most for requests with a StreamingLLM window (whose "
+                        "context never fills up), and their default")
+    p.add_argument("--shared-prefix-cache", action="store_true",
+                   help="with API keys, let requests of different keys share prefix-cache blocks (by default "
+                        "each key's are its own)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="paged attention implementation (default: auto, triton kernels on CUDA)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -81,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allowed-origins", nargs="*", default=None, help="enable CORS for these origins")
     p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections at most; past them a new one replaces the longest idle or half-sent "
+                        "one, else only /health and /metrics get through")
+    p.add_argument("--header-timeout", type=positive(float), default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a connection has to send a complete request head before it is closed")
+    p.add_argument("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds a request body has to arrive in full before the request gets 408")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info")
@@ -162,13 +190,16 @@ def build_state(args: argparse.Namespace) -> ServerState:
         engine=async_engine, tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(async_engine.stats, name), model_name=name, max_model_len=engine.max_model_len,
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
+        shared_prefix_cache=args.shared_prefix_cache,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    quiet_repeated_logs()
+    max_connections, backlog = connection_limits(args.max_connections)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -176,10 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     except MODEL_ERRORS as exc:  # a model the user can fix: one line, no traceback
         print(f"sinkserve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes, args.rate_limit)
+    app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes, args.rate_limit,
+                    args.body_timeout)
     # Our logging for uvicorn too; the access log is RequestIdMiddleware's (it has the request id).
+    # The h11 protocol always (with the connection bounds, server/connections.py), even where
+    # httptools is installed.
+    guard = ConnectionGuard(max_connections, args.header_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False, timeout_graceful_shutdown=5, http=http_protocol(guard), backlog=backlog,
+                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
     GracefulServer(config, state.engine, args.shutdown_timeout).run()
 

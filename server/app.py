@@ -7,22 +7,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
-from server.async_engine import EngineDeadError, RequestFailedError
+from server.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
-from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware
+from server.middleware import (DEFAULT_BODY_TIMEOUT, APIKeyMiddleware, BodySizeLimitMiddleware, RateLimitMiddleware,
+                               RequestIdMiddleware)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving import ServerState, engine_api_error
+from server.request_body import add_body_schemas, body_schema, parse_body
+from server.serving import ServerState, engine_api_error, json_response, session_key
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
 
 def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, rate_limit: float | None = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, rate_limit: float | None = None,
+              body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     created = int(time.time())
 
     @asynccontextmanager
@@ -39,58 +43,73 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
 
     @app.exception_handler(EngineDeadError)
     @app.exception_handler(RequestFailedError)
+    @app.exception_handler(ServerShuttingDownError)
     async def _engine_error(_: Request, exc: Exception):
         error = engine_api_error(exc)
-        return error_response(error.status, error.message, error.type, code=error.code)
+        return error_response(error.status, error.message, error.type, code=error.code, headers=error.headers)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
-        return await create_completion(state, body, raw)
+    # Bodies are parsed in a worker thread (server/request_body.py), not on the event loop.
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    async def completions(raw: Request):
+        return await create_completion(state, await parse_body(raw, CompletionRequest), raw)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        return await create_chat_completion(state, body, raw)
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+    async def chat_completions(raw: Request):
+        return await create_chat_completion(state, await parse_body(raw, ChatCompletionRequest), raw)
 
     @app.delete("/v1/sessions/{session_id}")
-    async def end_session(session_id: str):
-        if not await state.engine.call(lambda engine: engine.end_session(session_id)):
+    async def end_session(session_id: str, raw: Request):
+        key = session_key(raw, session_id, "session_id")
+        if not await state.engine.call(lambda engine: engine.end_session(key)):
             raise APIError(404, f"No session `{session_id}`.", "not_found_error", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": created, "owned_by": "sinkserve",
+                "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": created, "owned_by": "sinkserve",
-            "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.get("/health")
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        state.check_model(model_id)
+        return model_card()
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not state.engine.is_alive:
             return error_response(503, "The engine loop is not running.", "service_unavailable")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    @app.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    async def tokenize(raw: Request):
+        body = await parse_body(raw, TokenizeRequest)
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            tokens = chat_prompt(state, body)
+            tokens = await chat_prompt(state, body)
         else:
-            tokens = state.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+            add_bos = None if body.add_special_tokens else False
+            tokens = await run_in_threadpool(state.tokenizer.encode, body.prompt, add_bos)
+        return await json_response({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    @app.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    async def detokenize(raw: Request):
+        body = await parse_body(raw, DetokenizeRequest)
         state.check_model(body.model)
         vocab = state.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
+        return await json_response({"prompt": await run_in_threadpool(state.tokenizer.decode, body.tokens)})
+
+    add_body_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
 
     # Outermost last: auth runs before the rate limit (a wrong key uses no one's quota), the size
     # limit before auth, CORS before both, and the request id before everything, so that every
@@ -99,7 +118,7 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
         app.add_middleware(RateLimitMiddleware, per_minute=rate_limit)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["X-Request-Id"])

@@ -3,7 +3,13 @@
 The event loop never runs the model. Requests hand commands (add, abort) to the engine thread
 under a condition variable; the thread sleeps on it while idle (no polling), runs `step()`
 while there is work, and hands each step's outputs back to the event loop in one
-`call_soon_threadsafe`, where they are routed to per-request queues.
+`call_soon_threadsafe`, where they are routed to per-request streams.
+
+Backpressure: a request's outputs wait in its stream until its reader takes them. A client that
+stops reading an SSE stream stalls its reader (the server's `send` waits on the socket) while
+the engine goes on generating; once more than MAX_UNREAD_TOKENS tokens are unread, the request
+is aborted (its KV blocks go back at once), its unread outputs are dropped, and its stream ends
+with StreamStalledError if it is ever read again.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from model.sampling_params import SamplingParams
@@ -24,19 +30,47 @@ from scheduler.engine import Engine
 from scheduler.engine_stats import EngineStats
 from scheduler.output_processor import RequestOutput
 from scheduler.sink_policy import SinkPolicy
+from server.errors import APIError
 
 logger = logging.getLogger(__name__)
 
 ENGINE_THREAD_NAME = "sinkserve-engine"  # the OS keeps 15 characters: "sinkserve-engin"
 PR_SET_NAME = 15  # prctl option (linux/prctl.h)
 
+# How far a request's reader may fall behind before the request is aborted: unread generated
+# tokens, each logprob alternative sent with a token counting as one more (until read, a token
+# costs ~0.5 KB of memory, an alternative ~0.15 KB). A reader that keeps up is never more than a
+# step behind, and the socket's buffers (megabytes on Linux) absorb a pause in its reading first;
+# a client that stops reading costs at most ~2-3 MB of RSS (measured). A reader slower than
+# generation falls behind by the difference, and is aborted once it is this far behind.
+MAX_UNREAD_TOKENS = 4096
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served."""
 
 
+class ServerShuttingDownError(RuntimeError):
+    """The server is shutting down and ended this request before it produced anything: the
+    client should retry it elsewhere (503)."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine failed while computing this request (the others go on); the cause is logged."""
+
+
+class StreamStalledError(APIError):
+    """The client left more than MAX_UNREAD_TOKENS generated tokens unread: its request was
+    aborted. An APIError, since the client caused it: its stream ends with this error event."""
+
+    def __init__(self):
+        super().__init__(408, f"The client did not read this stream: more than {MAX_UNREAD_TOKENS} generated "
+                              "tokens were unread, so the request was aborted.", code="stream_stalled")
+
+
+def _unread_weight(outputs: list[RequestOutput]) -> int:
+    """What outputs count against MAX_UNREAD_TOKENS: their tokens and logprob alternatives."""
+    return sum(len(out.new_token_ids) + sum(len(entry.top) for entry in out.logprobs or ()) for out in outputs)
 
 
 @dataclass
@@ -45,6 +79,14 @@ class _Add:
     token_ids: list[int]
     params: SamplingParams
     options: dict  # Engine.add_request keyword options (sink policy, session)
+
+
+@dataclass
+class _Stream:
+    """A request's outputs (a list per step) or error, on their way to its reader."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unread: int = 0  # the weight of the outputs queued (_unread_weight)
 
 
 class AsyncEngine:
@@ -57,11 +99,13 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._calls: list[tuple[Callable[[Engine], Any], asyncio.Future]] = []
         self._stopping = False
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._shutting_down = False  # abort_all was called
+        self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._last_expiry = time.monotonic()
+        self.num_stalled_streams = 0  # requests aborted because their client stopped reading
 
     @property
     def is_alive(self) -> bool:
@@ -69,7 +113,7 @@ class AsyncEngine:
 
     @property
     def num_active_requests(self) -> int:
-        return len(self._queues)
+        return len(self._streams)
 
     @property
     def num_waiting_requests(self) -> int:
@@ -104,27 +148,36 @@ class AsyncEngine:
                        ) -> AsyncIterator[list[RequestOutput]]:
         """The request's outputs, a list per engine step, until all n completions finish.
 
-        Leaving the iteration early (the client went away) aborts the request.
+        Leaving the iteration early (the client went away) aborts the request. Raises
+        ServerShuttingDownError if the shutdown (abort_all) ends it before it produced a token,
+        and StreamStalledError once the reader is MAX_UNREAD_TOKENS behind.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        if self._shutting_down:
+            raise ServerShuttingDownError("the server is shutting down")
+        stream = _Stream()
+        self._streams[request_id] = stream
         self._submit(adds=[_Add(request_id, token_ids, params, options)])
         remaining = params.n
+        produced = False  # any output token yet
         try:
             while remaining:
-                item = await queue.get()
+                item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if any(out.finish_reason == "error" for out in item):
                     remaining = 0  # the engine has ended all n completions
                     raise RequestFailedError("The server had an error while generating this request. "
                                              "Other requests are not affected; it may be retried.")
+                stream.unread -= _unread_weight(item)
+                produced = produced or any(out.new_token_ids for out in item)
+                if not produced and self._shutting_down and any(out.finish_reason == "abort" for out in item):
+                    raise ServerShuttingDownError("the server shut down before this request was served")
                 remaining -= sum(out.finished for out in item)
                 yield item
         finally:
-            self._queues.pop(request_id, None)
+            self._streams.pop(request_id, None)
             if remaining:
                 self._submit(aborts=[request_id])
 
@@ -139,8 +192,10 @@ class AsyncEngine:
         return await future
 
     def abort_all(self) -> None:
-        """Abort every request (shutdown): their streams end with finish_reason 'abort'."""
-        self._submit(aborts=list(self._queues))
+        """Abort every request (shutdown) and take no new one. Requests that produced tokens
+        end with finish_reason 'abort'; the others raise ServerShuttingDownError, to be retried."""
+        self._shutting_down = True
+        self._submit(aborts=list(self._streams))
 
     def _submit(self, adds: list[_Add] = (), aborts: list[str] = ()) -> None:
         with self._cond:
@@ -203,19 +258,35 @@ class AsyncEngine:
         by_request: dict[str, list] = defaultdict(list)
         for item in outputs:
             if isinstance(item, tuple):
-                queue = self._queues.get(item[0])
-                if queue is not None:
-                    queue.put_nowait(item[1])
+                stream = self._streams.get(item[0])
+                if stream is not None:
+                    stream.queue.put_nowait(item[1])
             else:
                 by_request[item.request_id].append(item)
         for request_id, items in by_request.items():
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(items)
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            stream.queue.put_nowait(items)
+            stream.unread += _unread_weight(items)
+            if stream.unread > MAX_UNREAD_TOKENS:
+                self._abort_stalled(request_id, stream)
+
+    def _abort_stalled(self, request_id: str, stream: _Stream) -> None:
+        """Abort a request whose client stopped reading, drop its unread outputs, and leave
+        StreamStalledError for its reader."""
+        self.num_stalled_streams += 1
+        logger.warning("request %s aborted: its client stopped reading its stream (more than %d tokens unread)",
+                       request_id, MAX_UNREAD_TOKENS)
+        del self._streams[request_id]  # its last outputs (the abort) go nowhere
+        while not stream.queue.empty():
+            stream.queue.get_nowait()
+        stream.queue.put_nowait(StreamStalledError())
+        self._submit(aborts=[request_id])
 
     def _fail_all(self, error: BaseException) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
         for _, future in self._calls:
             _settle(future, None, error)
 

@@ -7,22 +7,32 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.chat_template import ChatTemplateError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
-from server.serving import (SSE_DONE, Job, ServerState, chat_logprobs, check_prompt, check_stream_options,
-                            engine_options, guarded, run_prompts, sampling_params, sse, until_disconnected, usage)
+from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, chat_logprobs,
+                            check_logprob_volume, check_prompt, check_stream_options, engine_options, guarded,
+                            json_response, openai_finish, output_budget, prompt_logprobs_list, run_prompts,
+                            sampling_params, sse, until_disconnected, usage)
 
 
-def chat_prompt(state: ServerState, body) -> list[int]:
+async def chat_prompt(state: ServerState, body, windowed: bool = True) -> list[int]:
+    """The rendered and tokenized messages (in a worker thread)."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in body.messages]
-    try:
-        return state.chat_template.encode(messages, body.add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), param="messages") from exc
+    for message in messages:
+        state.check_text_length(message["content"], windowed, "messages")
+
+    def render() -> list[int]:
+        try:
+            return state.chat_template.encode(messages, body.add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+
+    return await run_in_threadpool(render)
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
@@ -30,23 +40,29 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_stream_options(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    prompt = chat_prompt(state, body)
-    options = engine_options(state, body, raw.headers.get("x-session-id"))
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+    options = engine_options(state, body, raw)
+    if body.prompt_logprobs is not None and options["session_id"] is not None:
+        raise APIError(400, "prompt_logprobs cannot be combined with a session: the session's cached tokens are "
+                            "not scored again", param="prompt_logprobs")
+    max_tokens = output_budget(state, body, body.max_completion_tokens or body.max_tokens)
     windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
-    if max_tokens is None and windowed:
-        max_tokens = state.max_model_len  # a window never fills up: bound the reply anyway
+    state.check_capacity(body.n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(state, body, max_tokens, logprobs)
+    params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
+    prompt = await chat_prompt(state, body, windowed)
     check_prompt(state, prompt, params, options, "messages")
-    state.check_capacity()
+    check_logprob_volume(state, params, [len(prompt)])
+    state.check_capacity(body.n)
+    await build_stop_strings(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     job = Job(request_id, header, [prompt], params, options)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job)), media_type="text/event-stream")
     result = await until_disconnected(raw, _collect(state, body, job))
-    return JSONResponse(result) if result is not None else Response(status_code=499)
+    return await json_response(result) if result is not None else Response(status_code=499)
 
 
 async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) -> dict:
@@ -54,27 +70,40 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
     texts = [""] * n
     entries = [[] for _ in range(n)]
     finish, stop_reasons = [None] * n, [None] * n
+    prompt_logprobs = None
     completion_tokens = cached = 0
     async for _, out in run_prompts(state, job):
         texts[out.index] += out.text
         entries[out.index] += out.logprobs or []
+        if out.prompt_logprobs is not None and prompt_logprobs is None:
+            prompt_logprobs = out.prompt_logprobs
         if out.finished:
-            finish[out.index], stop_reasons[out.index] = out.finish_reason, out.stop_reason
+            finish[out.index], stop_reasons[out.index] = openai_finish(out)
             completion_tokens += out.num_output_tokens
             cached = out.num_cached_tokens if out.index == 0 else cached
-    choices = [{
-        "index": i, "message": {"role": "assistant", "content": texts[i]},
-        "logprobs": chat_logprobs(state.tokenizer, entries[i]) if body.logprobs else None,
-        "finish_reason": finish[i], "stop_reason": stop_reasons[i],
-    } for i in range(n)]
-    return {**job.header, "object": "chat.completion", "choices": choices,
-            "usage": usage(len(job.prompts[0]), completion_tokens, cached)}
+
+    def response() -> dict:
+        choices = [{
+            "index": i, "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": chat_logprobs(state.tokenizer, entries[i]) if body.logprobs else None,
+            "finish_reason": finish[i], "stop_reason": stop_reasons[i],
+        } for i in range(n)]
+        result = {**job.header, "object": "chat.completion", "choices": choices,
+                  "usage": usage(len(job.prompts[0]), completion_tokens, cached)}
+        if body.prompt_logprobs is not None:
+            result["prompt_logprobs"] = prompt_logprobs_list(
+                state.tokenizer, prompt_logprobs or [None] * len(job.prompts[0]), body.prompt_logprobs)
+        return result
+
+    return await run_in_threadpool(response)
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
     chunk = {**job.header, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
+    counter = UsageCounter(len(job.prompts[0]))
+    extra = {"usage": counter.usage() if continuous_usage else None} if include_usage or continuous_usage else {}
 
     def event(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -86,11 +115,14 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
         yield event(index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
     async for _, out in run_prompts(state, job):
+        counter.add(0, out)
+        if continuous_usage:
+            extra = {"usage": counter.usage()}
         logprobs = chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs and out.logprobs else None
         if out.finished:
             completion_tokens += out.num_output_tokens
             cached = out.num_cached_tokens if out.index == 0 else cached
-            yield event(out.index, {"content": out.text}, logprobs, out.finish_reason, out.stop_reason)
+            yield event(out.index, {"content": out.text}, logprobs, *openai_finish(out))
         elif out.text or logprobs:
             yield event(out.index, {"content": out.text}, logprobs)
     if include_usage:

@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.output_processor import RequestOutput
 from server.errors import APIError
 from server.protocol import CompletionRequest
-from server.serving import (SSE_DONE, Job, ServerState, check_prompt, check_stream_options, completion_logprobs,
-                            engine_options, guarded, run_prompts, sampling_params, sse, until_disconnected, usage)
+from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, check_logprob_volume,
+                            check_prompt, check_stream_options, completion_logprobs, engine_options, guarded,
+                            json_response, openai_finish, output_budget, prompt_logprobs_list, with_top,
+                            run_prompts, sampling_params, sse, until_disconnected, usage)
 
 
 @dataclass
@@ -23,18 +26,21 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprob_token_ids: list[int] = field(default_factory=list)
     logprob_entries: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     echoed: bool = False
 
 
-def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt."""
+def _prompts(state: ServerState, prompt, windowed: bool) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (run in a worker thread: it tokenizes)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
     if isinstance(prompt[0], str):
+        for text in prompt:
+            state.check_text_length(text, windowed, "prompt")
         return [state.tokenizer.encode(p) for p in prompt], list(prompt)
     vocab = state.tokenizer.vocab_size
     for ids in prompt:
@@ -48,37 +54,51 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     if body.suffix is not None:
         raise APIError(400, "suffix is not supported", param="suffix")
     check_stream_options(body)
-    prompts, prompt_texts = _prompts(state, body.prompt)
-    options = engine_options(state, body, raw.headers.get("x-session-id"))
-    if options["session_id"] is not None and len(prompts) > 1:
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream (use echo with logprobs)",
+                       param="prompt_logprobs")
+    options = engine_options(state, body, raw)
+    max_tokens = output_budget(state, body, body.max_tokens)
+    windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    num_prompts = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else len(body.prompt)
+    if options["session_id"] is not None and num_prompts > 1:
         raise APIError(400, "session_id takes a single prompt", param="prompt")
-    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    state.check_capacity(num_prompts * body.n)
+    echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    scored = [k for k in (echo_logprobs, body.prompt_logprobs) if k is not None]
+    prompt_logprobs = max(scored) if scored else None
     if prompt_logprobs is not None and options["session_id"] is not None:
-        raise APIError(400, "echo with logprobs cannot be combined with a session: the session's cached "
-                            "tokens are not scored again", param="echo")
-    params = sampling_params(state, body, body.max_tokens, body.logprobs, prompt_logprobs)
+        raise APIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) cannot be combined with a "
+                            "session: the session's cached tokens are not scored again", param="echo")
+    params = sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
+    prompts, prompt_texts = await run_in_threadpool(_prompts, state, body.prompt, windowed)
     for ids in prompts:
         check_prompt(state, ids, params, options, "prompt")
-    state.check_capacity()
+    check_logprob_volume(state, params, [len(ids) for ids in prompts])
+    state.check_capacity(len(prompts) * body.n)
+    await build_stop_strings(params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
     job = Job(request_id, header, prompts, params, options)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job, prompt_texts)), media_type="text/event-stream")
     result = await until_disconnected(raw, _collect(state, body, job, prompt_texts))
-    return JSONResponse(result) if result is not None else Response(status_code=499)
+    return await json_response(result) if result is not None else Response(status_code=499)
 
 
 def _echo(body: CompletionRequest, choice: _Choice, prompt_ids: list[int], prompt_text: str,
           out: RequestOutput) -> None:
     """Put the prompt (and its logprobs) in front of a choice, once."""
     choice.echoed = True
+    if body.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs or [None] * len(prompt_ids)
     if not body.echo:
         return
     choice.text += prompt_text
     if body.logprobs is not None:
         choice.logprob_token_ids += prompt_ids
-        choice.logprob_entries += out.prompt_logprobs or [None] * len(prompt_ids)
+        entries = out.prompt_logprobs or [None] * len(prompt_ids)
+        choice.logprob_entries += with_top(entries, body.logprobs)
 
 
 def _add(choice: _Choice, out: RequestOutput) -> None:
@@ -99,25 +119,39 @@ async def _collect(state: ServerState, body: CompletionRequest, job: Job, prompt
             _echo(body, choice, job.prompts[p], prompt_texts[p], out)
         _add(choice, out)
         if out.finished:
-            choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+            choice.finish_reason, choice.stop_reason = openai_finish(out)
             completion_tokens += out.num_output_tokens
             cached += out.num_cached_tokens if out.index == 0 else 0
-    return {**job.header, "choices": [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-         "logprobs": completion_logprobs(state.tokenizer, c.logprob_token_ids, c.logprob_entries, 0)
-         if body.logprobs is not None else None}
-        for i, c in enumerate(choices)], "usage": usage(sum(map(len, job.prompts)), completion_tokens, cached)}
+    return await run_in_threadpool(_response, state, body, job, choices,
+                                   usage(sum(map(len, job.prompts)), completion_tokens, cached))
+
+
+def _response(state: ServerState, body: CompletionRequest, job: Job, choices: list[_Choice], totals: dict) -> dict:
+    def choice(i: int, c: _Choice) -> dict:
+        item = {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                "logprobs": completion_logprobs(state.tokenizer, c.logprob_token_ids, c.logprob_entries, 0)
+                if body.logprobs is not None else None}
+        if body.prompt_logprobs is not None:
+            item["prompt_logprobs"] = prompt_logprobs_list(state.tokenizer, c.prompt_logprobs, body.prompt_logprobs)
+        return item
+
+    return {**job.header, "choices": [choice(i, c) for i, c in enumerate(choices)], "usage": totals}
 
 
 async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_texts: list[str]
                   ) -> AsyncIterator[str]:
     n = job.params.n
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
     extra = {"usage": None} if include_usage else {}
+    counter = UsageCounter(sum(map(len, job.prompts)))
     echoed: set[int] = set()
     text_offsets = [0] * (len(job.prompts) * n)
     completion_tokens = cached = 0
     async for p, out in run_prompts(state, job):
+        counter.add(p, out)
+        if continuous_usage:
+            extra = {"usage": counter.usage()}
         index = p * n + out.index
         choice = _Choice()  # this chunk's part of the choice
         if index not in echoed:
@@ -133,10 +167,10 @@ async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_
             completion_tokens += out.num_output_tokens
             cached += out.num_cached_tokens if out.index == 0 else 0
         if choice.text or out.finished or (logprobs and logprobs["tokens"]):
+            finish_reason, stop_reason = openai_finish(out) if out.finished else (None, None)
             yield sse({**job.header, "choices": [{
                 "index": index, "text": choice.text, "logprobs": logprobs,
-                "finish_reason": out.finish_reason if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None}], **extra})
+                "finish_reason": finish_reason, "stop_reason": stop_reason}], **extra})
     if include_usage:
         yield sse({**job.header, "choices": [], "usage": usage(sum(map(len, job.prompts)), completion_tokens, cached)})
     yield SSE_DONE

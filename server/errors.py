@@ -43,6 +43,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # the path, which says nothing to a client.
     param = loc[0] if loc else None
     path = ".".join(part for part in loc if not _UNION_MEMBER.match(part))
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for an argument it does not know
+        return f"Unrecognized request argument supplied: {path}", param
     message = first.get("msg", "invalid value")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]

@@ -1,27 +1,67 @@
 """OpenAI request bodies (pydantic), with vLLM's sampling extensions.
 
-Unknown fields are ignored, as OpenAI-compatible servers do. Ranges that pydantic can check are
-declared here; the rest is checked by SamplingParams, and both become 400 errors naming the
-parameter.
+The API never pretends: a field the server does not know is a 400 naming it, as OpenAI answers
+("Unrecognized request argument supplied"), and a known field the server does not implement is
+accepted only at a value that asks for nothing (`tools: null`, `store: false`,
+`use_beam_search: false`, `best_of` equal to `n`, ...), else a 400 naming it. `null` stands for
+the default wherever a field has one. Ranges that pydantic can check are declared here; the
+rest is checked by SamplingParams, and both become 400 errors naming the parameter.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 MAX_N = 64
+MAX_PROMPTS = 2048  # prompts in one completions request, as OpenAI allows
+MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,256}$"
+CACHE_SALT_MAX_CHARS = 256
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields are refused; a `null` field (known or not) asks for nothing and is
+    dropped, so that it takes its default, except the fields where null has a meaning."""
+
+    model_config = ConfigDict(extra="forbid")
+    _null_means_something: frozenset[str] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            keep = cls._null_means_something.default
+            return {key: value for key, value in data.items() if value is not None or key in keep}
+        return data
+
+
+# Fields accepted only at the value that asks for nothing: that value, and why another is refused.
+_DO_NOTHING = {
+    "use_beam_search": (False, "beam search is not supported"),
+    "priority": (0, "priority is not supported: requests are served first come, first served"),
+    "store": (False, "store is not supported: completions are not stored"),
+    "metadata": (None, "metadata is only kept with store, which is not supported"),
+}
+
+
+def refuse(value: Any, allowed: Any, why: str) -> Any:
+    """A field the server does not implement, accepted only at its do-nothing value."""
+    if value is not None and value != allowed:
+        raise ValueError(why)
+    return value
+
+
+class StreamOptions(StrictModel):
     include_usage: StrictBool = False
+    # vLLM's extension: the usage so far in every chunk.
+    continuous_usage_stats: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictModel):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
@@ -34,6 +74,16 @@ class SamplingFields(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     user: StrictStr | None = None
+    # token id (a string in JSON) -> a bias in [-100, 100] added to its logit
+    logit_bias: dict[StrictStr, StrictInt | StrictFloat] | None = None
+    # Accepted at the value that asks for nothing (see the module's docstring).
+    best_of: StrictInt | None = None
+    use_beam_search: StrictBool | None = None
+    priority: StrictInt | None = None
+    store: StrictBool | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    service_tier: StrictStr | None = None
+    response_format: dict | None = None
     # vLLM extensions
     top_k: StrictInt | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -46,7 +96,9 @@ class SamplingFields(BaseModel):
     # sinkserve extensions: StreamingLLM cache policy (null: the server's), and long sessions
     attention_sinks: Annotated[StrictInt, Field(ge=0)] | None = None
     attention_window: Annotated[StrictInt, Field(ge=0)] | None = None
-    session_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    session_id: Annotated[StrictStr, Field(pattern=SESSION_ID_PATTERN)] | None = None
+    # vLLM's prefix-cache isolation: requests share cached blocks only with the same salt.
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=CACHE_SALT_MAX_CHARS)] | None = None
     # Seconds from arrival after which the request ends with finish_reason "timeout" (null: the
     # server's --request-timeout).
     request_timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = None
@@ -60,6 +112,45 @@ class SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        bias = {}
+        for key, amount in value.items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= amount <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {amount}")
+            bias[int(key)] = float(amount)
+        return bias
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info):
+        return refuse(value, info.data.get("n", 1), "best_of must equal n: no candidates are ranked")
+
+    @field_validator("use_beam_search", "priority", "store", "metadata")
+    @classmethod
+    def _not_implemented(cls, value, info):
+        allowed, why = _DO_NOTHING[info.field_name]
+        return refuse(None if value in ({}, []) else value, allowed, why)  # {}: no metadata
+
+    @field_validator("service_tier")
+    @classmethod
+    def _service_tier(cls, value):
+        if value not in (None, "auto", "default"):
+            raise ValueError("service_tier must be auto or default")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value):
+        return refuse(value, {"type": "text"}, 'response_format other than {"type": "text"} is not supported yet')
+
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value):
@@ -70,11 +161,23 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
+    _null_means_something = frozenset({"max_tokens"})  # null: as long as the context allows
+
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    # vLLM's extension: logprobs of the prompt tokens (the same as echo with logprobs, without echo)
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     suffix: StrictStr | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _few_enough(cls, value):
+        # Before the union is validated, so that a huge list is refused at once.
+        if isinstance(value, list) and len(value) > MAX_PROMPTS and value and isinstance(value[0], (str, list)):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(value)}")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -86,17 +189,25 @@ class CompletionRequest(SamplingFields):
         return value
 
 
-class TextPart(BaseModel):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    # Accepted empty only: tool calls come with tool support.
+    tool_calls: list | None = None
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        refuse(self.tool_calls or None, None, "tool_calls are not supported yet")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -112,12 +223,28 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    # vLLM's extension: logprobs of the rendered prompt's tokens
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
+    # Accepted at the value that asks for nothing: tools come in a later release.
+    tools: list | None = None
+    tool_choice: StrictStr | dict | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list | None = None
+    function_call: StrictStr | dict | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        return refuse(value or None, None, f"{info.field_name} are not supported yet")
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value, info):
+        return refuse(value, "none", f'{info.field_name} is not supported yet (only "none")')
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(StrictModel):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
@@ -125,8 +252,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(StrictModel):
     model: StrictStr | None = None
     tokens: list[StrictInt]

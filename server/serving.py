@@ -5,29 +5,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import Tokenizer
 from scheduler.engine import PromptTooLongError
 from scheduler.output_processor import RequestOutput, TokenLogprob
-from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from scheduler.stop_strings import automaton_for
+from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat_template import ChatTemplate
 from server.errors import APIError, sse_error
 from server.metrics import Metrics
-from server.protocol import SamplingFields
+from server.middleware import request_tenant
+from server.protocol import SESSION_ID_PATTERN, SamplingFields
 
 logger = logging.getLogger(__name__)
 
 # Request fields that take their default from generation_config.json when the client omits them.
 GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# Output tokens a request with a StreamingLLM window may ask for (its context never fills up);
+# `--max-output-tokens` sets it.
+DEFAULT_MAX_OUTPUT_TOKENS = 65536
+# Logprob entries (the token's and each alternative) one request may hold, prompt and output
+# together: about 100 bytes each in memory and in the JSON, so 25-50 MB at most per request.
+MAX_LOGPROB_ENTRIES = 2**18
+# Bytes of text per token at most, times this, bounds the text a dense prompt may have before it
+# is tokenized: Unicode normalisation composes a few bytes into one character at most.
+_NORMALIZATION_SLACK = 4
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 @dataclass
@@ -41,13 +58,39 @@ class ServerState:
     defaults: dict = field(default_factory=dict)
     max_waiting_requests: int | None = None  # None: unbounded
     request_timeout: float | None = None  # seconds; None: no deadline unless a request sets one
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS  # per completion, with a StreamingLLM window
+    # With API keys, each key's requests share prefix-cache blocks only among themselves, unless
+    # the operator shares the cache between keys (--shared-prefix-cache).
+    shared_prefix_cache: bool = False
 
-    def check_capacity(self) -> None:
-        """A fast 503 with Retry-After when the waiting queue is full (admitted requests run on)."""
-        if self.max_waiting_requests is not None and self.engine.num_waiting_requests >= self.max_waiting_requests:
+    def check_capacity(self, num_sequences: int = 1) -> None:
+        """A fast 503 with Retry-After when the waiting queue cannot take the request's sequences
+        (prompts x n); a request larger than the whole queue is a 400."""
+        limit = self.max_waiting_requests
+        if limit is None:
+            return
+        if num_sequences > limit:
+            raise APIError(400, f"This request has {num_sequences} sequences (prompts x n), more than the "
+                                f"server queues ({limit}).", param="n")
+        if self.engine.num_waiting_requests + num_sequences > limit:
             self.metrics.requests_rejected.inc()
-            raise APIError(503, f"The server is overloaded ({self.max_waiting_requests} requests are waiting). "
+            raise APIError(503, f"The server is overloaded ({limit} requests are waiting). "
                                 "Retry later.", "service_unavailable", code="overloaded", headers={"Retry-After": "1"})
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token's UTF-8 bytes (at least 1)."""
+        return max((len(self.tokenizer.token_bytes(i)) for i in range(self.tokenizer.vocab_size)), default=1) or 1
+
+    def check_text_length(self, text: str, windowed: bool, param: str) -> None:
+        """Refuse, before tokenizing it, a dense prompt whose text cannot fit the context."""
+        if windowed:
+            return
+        limit = self.max_model_len * self.max_token_bytes * _NORMALIZATION_SLACK
+        if len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                f"{param} has {len(text)} characters, more than that many tokens can hold.",
+                           param=param, code="context_length_exceeded")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -74,12 +117,44 @@ def load_generation_defaults(model_dir: Path) -> dict:
     return {key: config[key] for key in GENERATION_CONFIG_DEFAULTS if config.get(key) is not None}
 
 
+def output_budget(state: ServerState, body: SamplingFields, max_tokens: int | None) -> int | None:
+    """A request's max_tokens: with a StreamingLLM window, whose context never fills, a missing
+    one becomes the server's cap, and more than the cap is refused (dense requests are bounded by
+    the context)."""
+    if state.engine.sink_policy(body.attention_sinks, body.attention_window) is None:
+        return max_tokens
+    if max_tokens is None:
+        return state.max_output_tokens
+    if max_tokens > state.max_output_tokens:
+        raise APIError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
+                            f"{state.max_output_tokens} output tokens per completion.", param="max_tokens")
+    return max_tokens
+
+
+def check_logprob_volume(state: ServerState, params: SamplingParams, prompt_lengths: list[int]) -> None:
+    """Bound the logprobs one request may hold: (k + 1) entries per scored token."""
+    entries = 0
+    if params.prompt_logprobs is not None:
+        entries += sum(prompt_lengths) * (params.prompt_logprobs + 1)
+    if params.logprobs is not None:
+        longest = max(state.max_model_len - min(prompt_lengths), 1)
+        max_tokens = params.max_tokens if params.max_tokens is not None else longest
+        entries += len(prompt_lengths) * params.n * max_tokens * (params.logprobs + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise APIError(400, f"This request asks for {entries} logprobs (tokens x (logprobs + 1), prompt and output "
+                            f"together), more than the limit of {MAX_LOGPROB_ENTRIES}: lower max_tokens, n, "
+                            "the number of logprobs, or the prompt's length.", param="logprobs")
+
+
 def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     def pick(name: str, fallback):
         value = getattr(body, name)
         return value if value is not None else state.defaults.get(name, fallback)
 
+    vocab = state.tokenizer.vocab_size
+    if body.logit_bias and any(not 0 <= t < vocab for t in body.logit_bias):
+        raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
     try:
         return SamplingParams(
             n=body.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
@@ -89,14 +164,37 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
             min_tokens=body.min_tokens, stop=body.stop or (), stop_token_ids=body.stop_token_ids or (),
             ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens,
+            logit_bias=body.logit_bias or None,
         )
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 
 
-def engine_options(state: ServerState, body: SamplingFields, session_header: str | None) -> dict:
-    """Engine.add_request options of a request: its sink policy, session and deadline, checked."""
-    session_id = body.session_id or session_header
+def session_key(raw: Request, session_id: str, param: str) -> str:
+    """The engine's name for a client's session: checked, and kept apart per API key (two keys
+    using one session id have two sessions, and neither can reach or detect the other's)."""
+    if not _SESSION_ID.fullmatch(session_id):
+        raise APIError(400, "session ids are 1-256 letters, digits and ._:/+=-", param=param)
+    tenant = request_tenant(raw.scope)
+    return session_id if tenant is None else f"{tenant}/{session_id}"
+
+
+def cache_salt(state: ServerState, raw: Request, body: SamplingFields) -> str | None:
+    """The prefix-cache salt of a request: its API key's tenant (unless the operator shares the
+    cache between keys), with the request's own `cache_salt` on top."""
+    tenant = None if state.shared_prefix_cache else request_tenant(raw.scope)
+    parts = [part for part in (tenant, body.cache_salt) if part is not None]
+    return "\0".join(parts) if parts else None
+
+
+def engine_options(state: ServerState, body: SamplingFields, raw: Request) -> dict:
+    """Engine.add_request options of a request: its sink policy, session, cache salt and
+    deadline, checked."""
+    session_id = None
+    if body.session_id is not None:
+        session_id = session_key(raw, body.session_id, "session_id")
+    elif raw.headers.get("x-session-id") is not None:
+        session_id = session_key(raw, raw.headers["x-session-id"], "X-Session-ID")
     try:
         state.engine.sink_policy(body.attention_sinks, body.attention_window)
     except ValueError as exc:
@@ -105,7 +203,8 @@ def engine_options(state: ServerState, body: SamplingFields, session_header: str
         raise APIError(400, "session_id needs n = 1", param="n")
     timeout = body.request_timeout or state.request_timeout
     return {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
-            "session_id": session_id, "deadline": time.monotonic() + timeout if timeout else None}
+            "session_id": session_id, "cache_salt": cache_salt(state, raw, body),
+            "deadline": time.monotonic() + timeout if timeout else None}
 
 
 def check_prompt(state: ServerState, token_ids: list[int], params: SamplingParams, options: dict,
@@ -115,9 +214,63 @@ def check_prompt(state: ServerState, token_ids: list[int], params: SamplingParam
         engine.check_prompt(token_ids, params, engine.sink_policy(options["attention_sinks"],
                                                                    options["attention_window"]))
     except PromptTooLongError as exc:
-        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
+        where = "messages" if param == "messages" else "prompt"
+        max_tokens = params.max_tokens or 0
+        raise APIError(
+            400, f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
+                 f"{len(token_ids) + max_tokens} tokens ({len(token_ids)} in the {where}, {max_tokens} in the "
+                 f"completion). Please reduce the length of the {where} or completion.",
+            param=param, code="context_length_exceeded") from exc
     except ValueError as exc:
         raise APIError(400, str(exc), param=param) from exc
+
+
+def openai_finish(out: RequestOutput) -> tuple[str | None, int | str | None]:
+    """(finish_reason, stop_reason) as OpenAI's clients know them: a request cut short by its
+    deadline or by the server is "length" (the reply is incomplete), and sinkserve's own reason
+    ("timeout", "abort") is in stop_reason, as vLLM puts its details there."""
+    if out.finish_reason in ("timeout", "abort"):
+        return "length", out.finish_reason
+    return out.finish_reason, out.stop_reason
+
+
+async def json_response(payload: dict) -> Response:
+    """A JSON response serialized in a worker thread, piece by piece, so that a large one (many
+    choices, logprobs) never holds the event loop."""
+    return Response(await run_in_threadpool(_encode_json, payload), media_type="application/json")
+
+
+def _encode_json(payload) -> bytes:
+    parts: list[str] = []
+
+    def encode(value, depth: int) -> None:
+        # The response's outer levels (choices, their logprobs, the logprob lists) are written
+        # element by element, each element at once: the GIL is let go between them.
+        if isinstance(value, list) and len(value) > 16:
+            parts.append("[")
+            for start in range(0, len(value), 1024):
+                if start:
+                    parts.append(",")
+                piece = value[start:start + 1024]
+                if all(not isinstance(item, (list, dict)) for item in piece):  # numbers: 1024 at once
+                    parts.append(json.dumps(piece, ensure_ascii=False, allow_nan=False)[1:-1])
+                    continue
+                for i, item in enumerate(piece):
+                    if i:
+                        parts.append(",")
+                    encode(item, depth + 1)
+            parts.append("]")
+        elif isinstance(value, dict) and depth < 4:
+            parts.append("{")
+            for i, (key, item) in enumerate(value.items()):
+                parts.append(("," if i else "") + json.dumps(str(key), ensure_ascii=False) + ":")
+                encode(item, depth + 1)
+            parts.append("}")
+        else:
+            parts.append(json.dumps(value, ensure_ascii=False, allow_nan=False))
+
+    encode(payload, 0)
+    return "".join(parts).encode()
 
 
 def check_stream_options(body: SamplingFields) -> None:
@@ -181,7 +334,9 @@ async def _engine_outputs(state: ServerState, job: Job
         except Exception as exc:
             yield 0, exc
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: when the client stops reading, the pumps stop reading their streams too, so that
+    # AsyncEngine's backpressure (MAX_UNREAD_TOKENS) sees it.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(job.prompts))
     done = object()
 
     async def pump(index: int, token_ids: list[int]):
@@ -254,6 +409,47 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: lis
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+def with_top(entries: list[TokenLogprob | None], k: int) -> list[TokenLogprob | None]:
+    """The entries with their k most likely alternatives only (the engine computed the most any
+    part of the request asked for)."""
+    return [entry and dataclasses.replace(entry, top=entry.top[:k]) for entry in entries]
+
+
+def prompt_logprobs_list(tokenizer: Tokenizer, entries: list[TokenLogprob | None] | None, k: int) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, else {token id: {logprob,
+    rank, decoded_token}} for the prompt token and its k most likely alternatives."""
+    if entries is None:
+        return None
+
+    def position(entry: TokenLogprob | None) -> dict | None:
+        if entry is None:
+            return None
+        ranked = {entry.token_id: (entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top[:k], start=1):
+            ranked.setdefault(token_id, (logprob, rank))
+        return {str(t): {"logprob": lp, "rank": r, "decoded_token": token_text(tokenizer, t)}
+                for t, (lp, r) in ranked.items()}
+
+    return [position(entry) for entry in entries]
+
+
+class UsageCounter:
+    """The usage of a streamed request so far (`stream_options.continuous_usage_stats`)."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self._output_tokens: dict[tuple[int, int], int] = {}  # (prompt, completion) -> tokens
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self._output_tokens[prompt_index, out.index] = max(out.num_output_tokens,
+                                                           self._output_tokens.get((prompt_index, out.index), 0))
+
+    def usage(self) -> dict:
+        completion_tokens = sum(self._output_tokens.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+
 def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
     def item(token_id: int, logprob: float) -> dict:
         return {"token": token_text(tokenizer, token_id), "logprob": logprob,
@@ -276,6 +472,14 @@ def sse(payload: dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+async def build_stop_strings(params: SamplingParams) -> None:
+    """Build the request's stop-string automaton in a worker thread (up to ~30 ms for 64 strings
+    of 256 characters), so that neither the event loop nor the engine thread builds it: the
+    engine finds it in `automaton_for`'s cache."""
+    if params.stop:
+        await run_in_threadpool(automaton_for, params.stop)
+
+
 def engine_api_error(exc: Exception) -> APIError | None:
     """The client's view of an engine error (None: an unexpected one, shown as a bare 500)."""
     if isinstance(exc, APIError):
@@ -283,6 +487,9 @@ def engine_api_error(exc: Exception) -> APIError | None:
     if isinstance(exc, EngineDeadError):
         return APIError(503, "The engine is not running; the server cannot serve requests.",
                         "service_unavailable", code="engine_dead")
+    if isinstance(exc, ServerShuttingDownError):
+        return APIError(503, "The server is shutting down; retry the request.", "service_unavailable",
+                        code="shutting_down", headers={"Retry-After": "1"})
     if isinstance(exc, RequestFailedError):  # the engine has logged the cause
         return APIError(500, str(exc), "internal_error", code="generation_failed")
     return None

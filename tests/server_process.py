@@ -73,3 +73,14 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+async def stream_events(url: str, body: dict) -> list[str]:
+    """The data of every SSE event of a streamed completion, [DONE] included."""
+    events = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    return events

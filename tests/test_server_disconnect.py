@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, stream_events
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
 
@@ -76,22 +76,11 @@ def test_dropped_non_streaming_request_is_aborted(server):
     assert server.metric('sinkserve_num_requests_running') == 0
 
 
-async def _stream_events(url: str, body: dict) -> list[str]:
-    """The data of every SSE event of a streamed completion, [DONE] included."""
-    events = []
-    async with httpx.AsyncClient(timeout=60) as client:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-    return events
-
-
 def test_sigterm_ends_streams_cleanly_and_exits_zero():
     server = ServerProcess("--shutdown-timeout", "1")
     try:
         async def run():
-            tasks = [asyncio.create_task(_stream_events(server.url, LONG)) for _ in range(4)]
+            tasks = [asyncio.create_task(stream_events(server.url, LONG)) for _ in range(4)]
             await asyncio.sleep(1.0)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
@@ -99,7 +88,7 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero():
         for events in asyncio.run(run()):
             assert events[-1] == "[DONE]"
             last = json.loads(events[-2])["choices"][0]
-            assert last["finish_reason"] in ("abort", "length")
+            assert last["finish_reason"] == "length"
         assert server.process.wait(timeout=30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health")
@@ -110,14 +99,15 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero():
 def test_sigterm_drains_short_requests_refuses_new_ones_and_aborts_endless_ones():
     """SIGTERM under load: admission stops at once, requests that can finish within
     --shutdown-timeout do (complete answers), endless ones (a StreamingLLM window and a huge
-    max_tokens) are aborted at the timeout with finish_reason "abort" and [DONE], exit 0."""
+    max_tokens) are aborted at the timeout: finish_reason "length" (incomplete), stop_reason "abort",
+    and [DONE]; exit 0."""
     server = ServerProcess("--shutdown-timeout", "6")
-    endless = {"prompt": "Once upon a time", "max_tokens": 10**6, "ignore_eos": True, "stream": True,
+    endless = {"prompt": "Once upon a time", "max_tokens": 60_000, "ignore_eos": True, "stream": True,
                "attention_window": 64}
     short = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True}
     try:
         def stream(body):
-            return _stream_events(server.url, body)
+            return stream_events(server.url, body)
 
         async def post(body) -> httpx.Response:
             async with httpx.AsyncClient(timeout=60) as client:
@@ -139,7 +129,8 @@ def test_sigterm_drains_short_requests_refuses_new_ones_and_aborts_endless_ones(
         endless_events, (short_events, short_response), late = asyncio.run(run())
         for events in endless_events:
             assert events[-1] == "[DONE]"
-            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+            last = json.loads(events[-2])["choices"][0]
+            assert (last["finish_reason"], last["stop_reason"]) == ("length", "abort")
         assert short_events[-1] == "[DONE]"
         assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
         assert short_response.status_code == 200

@@ -86,12 +86,14 @@ def test_a_full_waiting_queue_gets_a_fast_503_and_admitted_requests_finish(serve
 def test_request_timeout_ends_running_and_waiting_requests(server):
     long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
     timed = _post(server, {**long, "request_timeout": 0.3}).json()
-    assert timed["choices"][0]["finish_reason"] == "timeout"
+    # OpenAI's finish_reason for an incomplete reply, sinkserve's reason in stop_reason
+    assert (timed["choices"][0]["finish_reason"], timed["choices"][0]["stop_reason"]) == ("length", "timeout")
     assert 0 < timed["usage"]["completion_tokens"] < 400
     with httpx.stream("POST", server.url + "/v1/completions", json={**long, "request_timeout": 0.3, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "timeout"
+    last = json.loads(events[-2])["choices"][0]
+    assert events[-1] == "[DONE]" and (last["finish_reason"], last["stop_reason"]) == ("length", "timeout")
     # A request still waiting (max_num_seqs 1 is taken) expires in the queue.
     results = {}
     running = threading.Thread(target=lambda: results.setdefault("running", _post(server, long)))
@@ -100,7 +102,7 @@ def test_request_timeout_ends_running_and_waiting_requests(server):
     while server.metric("sinkserve_num_requests_running") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     waited = _post(server, {"prompt": "Once", "max_tokens": 4, "request_timeout": 0.2}).json()
-    assert waited["choices"][0]["finish_reason"] == "timeout" and waited["usage"]["completion_tokens"] == 0
+    assert waited["choices"][0]["stop_reason"] == "timeout" and waited["usage"]["completion_tokens"] == 0
     running.join(120)
     assert results["running"].json()["usage"]["completion_tokens"] == 400
     assert server.metric("sinkserve_kv_blocks_used") == 0

@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from model.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from tests.server_process import ServerProcess
 
 CASES = [
@@ -23,9 +24,12 @@ CASES = [
     ("control characters", json.dumps({"prompt": "\x00\x01\x1b[31m\u202e\U0010ffff", "max_tokens": 5,
                                        "stop": ["\x00", "\u2028", "\ud7ff"]}).encode(), 200),
     ("5,000 stop strings", json.dumps({"prompt": "Once upon a time", "max_tokens": 32,
-                                       "stop": [f"zz{i}" for i in range(5000)]}).encode(), 200),
+                                       "stop": [f"zz{i}" for i in range(5000)]}).encode(), 400),
     ("a 100,000-character stop string", json.dumps({"prompt": "Once", "max_tokens": 8,
-                                                    "stop": ["a" * 100_000]}).encode(), 200),
+                                                    "stop": ["a" * 100_000]}).encode(), 400),
+    ("the most stop strings, of the most characters", json.dumps({
+        "prompt": "Once upon a time", "max_tokens": 32,
+        "stop": [f"{i:03}" + "z" * (MAX_STOP_STRING_CHARS - 3) for i in range(MAX_STOP_STRINGS)]}).encode(), 200),
     ("a string where a list is expected", b'{"messages": "hi"}', 400),
     ("an empty body", b"", 400),
     ("a JSON array", b"[1, 2, 3]", 400),
@@ -46,6 +50,8 @@ def test_hostile_input(server, name, body, status):
     if status >= 400:
         error = response.json()["error"]
         assert error["message"] and error["type"] == "invalid_request_error"
+        if b'"stop"' in body:  # too many or too long stop strings
+            assert error["param"] == "stop"
     else:
         assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
     assert httpx.get(server.url + "/health").status_code == 200
