@@ -202,6 +202,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if policy is not None:
             if policy.capacity_blocks() > self.block_manager.num_blocks:
                 raise ValueError("the KV pool cannot hold one sequence under this sink policy")
@@ -210,8 +212,8 @@ class Engine:
         if len(token_ids) + max_tokens > self.max_model_len or len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the messages, "
-                f"{max_tokens} in the completion). Please reduce the length of the messages or completion."
+                f"requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the prompt, "
+                f"{max_tokens} in the completion). Please reduce the length of the prompt or completion."
             )
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:

@@ -64,7 +64,12 @@ class OutputProcessor:
     def add(self, request: Request) -> None:
         detok = self.tokenizer.detokenizer(request.prompt_token_ids,
                                            skip_special_tokens=request.params.skip_special_tokens)
-        matcher = StopStringMatcher(automaton_for(request.params.stop)) if request.params.stop else None
+        matcher = None
+        if request.params.stop:
+            # A forked completion shares its parent's automaton (no second build, however many).
+            parent = self._states.get(request.parent_id) if request.parent_id else None
+            automaton = parent.stop_matcher.automaton if parent and parent.stop_matcher else None
+            matcher = StopStringMatcher(automaton or automaton_for(request.params.stop))
         self._states[request.request_id] = _TextState(detok, matcher)
 
     def remove(self, request: Request) -> None:
@@ -81,6 +86,13 @@ class OutputProcessor:
             raise RuntimeError(f"prompt logprobs from position {position} follow only {len(logprobs)}")
         logprobs.extend(entries)
 
+    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob | None]:
+        """The prompt's logprobs: a forked completion's are its parent's (scored once)."""
+        state = self._states[request.request_id]
+        if not state.prompt_logprobs and request.parent_id in self._states:
+            return self._states[request.parent_id].prompt_logprobs
+        return state.prompt_logprobs
+
     def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         """Append a sampled token to the request, decide whether it finishes, and say what changed.
 
@@ -92,7 +104,7 @@ class OutputProcessor:
             request.finish(FinishReason.LENGTH)
             return RequestOutput(
                 request_id=request.group_id, index=request.index, new_token_ids=[], text="", finished=True,
-                finish_reason=FinishReason.LENGTH.value, prompt_logprobs=state.prompt_logprobs or None,
+                finish_reason=FinishReason.LENGTH.value, prompt_logprobs=self._prompt_logprobs(request) or None,
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=request.num_cached_prompt_tokens)
         request.append_token(token_id)
@@ -124,8 +136,8 @@ class OutputProcessor:
             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,
         )
-        if request.num_output_tokens == 1 and state.prompt_logprobs:
-            out.prompt_logprobs = state.prompt_logprobs
+        if request.num_output_tokens == 1:
+            out.prompt_logprobs = self._prompt_logprobs(request) or None
         if finish is not None:
             request.finish(finish, stop_reason)
             out.finish_reason, out.stop_reason = finish.value, stop_reason

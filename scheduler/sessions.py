@@ -34,6 +34,7 @@ class Session:
     sink_gap: int
     sink_policy: SinkPolicy | None
     last_used: float
+    cache_salt: str | None = None  # a request with another salt does not get this cache
 
     @property
     def blocks_key(self) -> str:
@@ -70,7 +71,8 @@ class SessionStore:
             common += 1
         sinks = session.sink_policy.num_sinks if session.sink_policy else 0
         window_start = sinks + session.num_evicted_tokens if session.num_evicted_tokens else 0
-        if common == 0 or common < window_start or session.sink_policy != request.sink_policy:
+        if (common == 0 or common < window_start or session.sink_policy != request.sink_policy
+                or session.cache_salt != request.cache_salt):
             self.block_manager.free(session.blocks_key)
             return None
         kept = common - session.num_evicted_tokens
@@ -94,7 +96,7 @@ class SessionStore:
         del self._busy[request.session_id]
         session = Session(
             request.session_id, request.token_ids[:request.num_computed_tokens], request.num_evicted_tokens,
-            request.sink_gap, request.sink_policy, time.monotonic())
+            request.sink_gap, request.sink_policy, time.monotonic(), request.cache_salt)
         self.block_manager.rename(request.request_id, session.blocks_key)
         self._idle[request.session_id] = session
 

@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds a connection has to send a complete request head before it is closed")
     p.add_argument("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT,
                    help="seconds a request body has to arrive in full before the request gets 408")
+    p.add_argument("--forwarded-allow-ips", default=None,
+                   help="comma-separated proxy addresses (or *) whose X-Forwarded-For gives the client address "
+                        "(rate limits, logs); by default no header is trusted and the client is the peer")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info")
@@ -215,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     guard = ConnectionGuard(max_connections, args.header_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, http=http_protocol(guard), backlog=backlog,
-                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
+                            proxy_headers=args.forwarded_allow_ips is not None,
+                            forwarded_allow_ips=args.forwarded_allow_ips)
     logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
     GracefulServer(config, state.engine, args.shutdown_timeout).run()
 

@@ -57,7 +57,7 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     async def chat_completions(raw: Request):
         return await create_chat_completion(state, await parse_body(raw, ChatCompletionRequest), raw)
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete("/v1/sessions/{session_id:path}")
     async def end_session(session_id: str, raw: Request):
         key = session_key(raw, session_id, "session_id")
         if not await state.engine.call(lambda engine: engine.end_session(key)):
@@ -104,21 +104,26 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     async def detokenize(raw: Request):
         body = await parse_body(raw, DetokenizeRequest)
         state.check_model(body.model)
-        vocab = state.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return await json_response({"prompt": await run_in_threadpool(state.tokenizer.decode, body.tokens)})
+
+        def decode() -> str:
+            vocab = state.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in body.tokens):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+            return state.tokenizer.decode(body.tokens)
+
+        return await json_response({"prompt": await run_in_threadpool(decode)})
 
     add_body_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
 
-    # Outermost last: auth runs before the rate limit (a wrong key uses no one's quota), the size
-    # limit before auth, CORS before both, and the request id before everything, so that every
+    # Outermost last: auth runs before the rate limit (a wrong key uses no one's quota), both
+    # before the body is read (a client without a key, or past its quota, sends no body the
+    # server keeps), CORS before them, and the request id before everything, so that every
     # response (errors included) carries one.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, body_timeout=body_timeout)
     if rate_limit:
         app.add_middleware(RateLimitMiddleware, per_minute=rate_limit)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["X-Request-Id"])

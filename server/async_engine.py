@@ -87,6 +87,7 @@ class _Stream:
 
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     unread: int = 0  # the weight of the outputs queued (_unread_weight)
+    limit: float = float("inf")  # past it the request is aborted (inf: the server reads it all)
 
 
 class AsyncEngine:
@@ -144,19 +145,24 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    async def generate(self, request_id: str, token_ids: list[int], params: SamplingParams, **options
-                       ) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                       client_reads: bool = True, **options) -> AsyncIterator[list[RequestOutput]]:
         """The request's outputs, a list per engine step, until all n completions finish.
 
         Leaving the iteration early (the client went away) aborts the request. Raises
         ServerShuttingDownError if the shutdown (abort_all) ends it before it produced a token,
-        and StreamStalledError once the reader is MAX_UNREAD_TOKENS behind.
+        and, when `client_reads` (a stream: the client reads the outputs as they come),
+        StreamStalledError once the reader is MAX_UNREAD_TOKENS (or 8 steps) behind.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         if self._shutting_down:
             raise ServerShuttingDownError("the server is shutting down")
         stream = _Stream()
+        if client_reads:
+            # A step adds n x (1 + alternatives) to the weight: a reader a few steps behind (the
+            # event loop busy for a moment) is never taken for one that stopped reading.
+            stream.limit = max(MAX_UNREAD_TOKENS, 8 * params.n * (1 + (params.logprobs or 0)))
         self._streams[request_id] = stream
         self._submit(adds=[_Add(request_id, token_ids, params, options)])
         remaining = params.n
@@ -269,7 +275,7 @@ class AsyncEngine:
                 continue
             stream.queue.put_nowait(items)
             stream.unread += _unread_weight(items)
-            if stream.unread > MAX_UNREAD_TOKENS:
+            if stream.unread > stream.limit:
                 self._abort_stalled(request_id, stream)
 
     def _abort_stalled(self, request_id: str, stream: _Stream) -> None:

@@ -23,10 +23,10 @@ async def chat_prompt(state: ServerState, body, windowed: bool = True) -> list[i
     """The rendered and tokenized messages (in a worker thread)."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in body.messages]
-    for message in messages:
-        state.check_text_length(message["content"], windowed, "messages")
 
     def render() -> list[int]:
+        for message in messages:
+            state.check_text_length(message["content"], windowed, "messages")
         try:
             return state.chat_template.encode(messages, body.add_generation_prompt)
         except ChatTemplateError as exc:
@@ -52,13 +52,13 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
     prompt = await chat_prompt(state, body, windowed)
-    check_prompt(state, prompt, params, options, "messages")
+    await run_in_threadpool(check_prompt, state, prompt, params, options, "messages")
     check_logprob_volume(state, params, [len(prompt)])
     state.check_capacity(body.n)
     await build_stop_strings(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
-    job = Job(request_id, header, [prompt], params, options)
+    job = Job(request_id, header, [prompt], params, options, streamed=body.stream)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job)), media_type="text/event-stream")
     result = await until_disconnected(raw, _collect(state, body, job))

@@ -27,6 +27,7 @@ class _Choice:
     logprob_token_ids: list[int] = field(default_factory=list)
     logprob_entries: list = field(default_factory=list)
     prompt_logprobs: list | None = None
+    prompt_scored: bool = False  # its prompt's logprobs are in (when asked for)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     echoed: bool = False
@@ -71,15 +72,20 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         raise APIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) cannot be combined with a "
                             "session: the session's cached tokens are not scored again", param="echo")
     params = sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
-    prompts, prompt_texts = await run_in_threadpool(_prompts, state, body.prompt, windowed)
-    for ids in prompts:
-        check_prompt(state, ids, params, options, "prompt")
+
+    def prepare() -> tuple[list[list[int]], list[str]]:
+        prompts, texts = _prompts(state, body.prompt, windowed)
+        for ids in prompts:
+            check_prompt(state, ids, params, options, "prompt")
+        return prompts, texts
+
+    prompts, prompt_texts = await run_in_threadpool(prepare)
     check_logprob_volume(state, params, [len(ids) for ids in prompts])
     state.check_capacity(len(prompts) * body.n)
     await build_stop_strings(params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
-    job = Job(request_id, header, prompts, params, options)
+    job = Job(request_id, header, prompts, params, options, streamed=body.stream)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job, prompt_texts)), media_type="text/event-stream")
     result = await until_disconnected(raw, _collect(state, body, job, prompt_texts))
@@ -87,18 +93,32 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
 
 
 def _echo(body: CompletionRequest, choice: _Choice, prompt_ids: list[int], prompt_text: str,
-          out: RequestOutput) -> None:
-    """Put the prompt (and its logprobs) in front of a choice, once."""
+          scores: list | None) -> None:
+    """Put the prompt (and its logprobs, `scores`: None while unknown) in front of a choice, once.
+    The n completions of a prompt share one scoring, which arrives with the first of them."""
     choice.echoed = True
+    choice.prompt_scored = scores is not None
     if body.prompt_logprobs is not None:
-        choice.prompt_logprobs = out.prompt_logprobs or [None] * len(prompt_ids)
+        choice.prompt_logprobs = scores or [None] * len(prompt_ids)
     if not body.echo:
         return
     choice.text += prompt_text
     if body.logprobs is not None:
         choice.logprob_token_ids += prompt_ids
-        entries = out.prompt_logprobs or [None] * len(prompt_ids)
-        choice.logprob_entries += with_top(entries, body.logprobs)
+        entries = scores or [None] * len(prompt_ids)
+        if (body.prompt_logprobs or 0) > body.logprobs:  # the engine computed more alternatives
+            entries = with_top(entries, body.logprobs)
+        choice.logprob_entries += entries
+
+
+def _score_late(body: CompletionRequest, choice: _Choice, prompt_ids: list[int], scores: list) -> None:
+    """Give a choice echoed before its prompt's scoring arrived the prompt's logprobs."""
+    choice.prompt_scored = True
+    if body.prompt_logprobs is not None:
+        choice.prompt_logprobs = scores
+    if body.echo and body.logprobs is not None:
+        entries = with_top(scores, body.logprobs) if (body.prompt_logprobs or 0) > body.logprobs else scores
+        choice.logprob_entries[:len(prompt_ids)] = entries
 
 
 def _add(choice: _Choice, out: RequestOutput) -> None:
@@ -113,15 +133,21 @@ async def _collect(state: ServerState, body: CompletionRequest, job: Job, prompt
     n = job.params.n
     choices = [_Choice() for _ in range(len(job.prompts) * n)]
     completion_tokens = cached = 0
+    scores: dict[int, list] = {}  # prompt index -> its prompt logprobs
     async for p, out in run_prompts(state, job):
         choice = choices[p * n + out.index]
+        if out.prompt_logprobs:
+            scores.setdefault(p, out.prompt_logprobs)
         if not choice.echoed:
-            _echo(body, choice, job.prompts[p], prompt_texts[p], out)
+            _echo(body, choice, job.prompts[p], prompt_texts[p], scores.get(p))
         _add(choice, out)
         if out.finished:
             choice.finish_reason, choice.stop_reason = openai_finish(out)
             completion_tokens += out.num_output_tokens
             cached += out.num_cached_tokens if out.index == 0 else 0
+    for i, choice in enumerate(choices):
+        if not choice.prompt_scored and i // n in scores:
+            _score_late(body, choice, job.prompts[i // n], scores[i // n])
     return await run_in_threadpool(_response, state, body, job, choices,
                                    usage(sum(map(len, job.prompts)), completion_tokens, cached))
 
@@ -146,6 +172,7 @@ async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_
     extra = {"usage": None} if include_usage else {}
     counter = UsageCounter(sum(map(len, job.prompts)))
     echoed: set[int] = set()
+    scores: dict[int, list] = {}  # prompt index -> its prompt logprobs
     text_offsets = [0] * (len(job.prompts) * n)
     completion_tokens = cached = 0
     async for p, out in run_prompts(state, job):
@@ -154,9 +181,11 @@ async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_
             extra = {"usage": counter.usage()}
         index = p * n + out.index
         choice = _Choice()  # this chunk's part of the choice
+        if out.prompt_logprobs:
+            scores.setdefault(p, out.prompt_logprobs)
         if index not in echoed:
             echoed.add(index)
-            _echo(body, choice, job.prompts[p], prompt_texts[p], out)
+            _echo(body, choice, job.prompts[p], prompt_texts[p], scores.get(p))
         _add(choice, out)
         logprobs = None
         if body.logprobs is not None:

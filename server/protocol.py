@@ -18,6 +18,14 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 MAX_N = 64
 MAX_PROMPTS = 2048  # prompts in one completions request, as OpenAI allows
 MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
+MAX_STOP_TOKEN_IDS = 256
+
+
+def FastList(item, **constraints):  # noqa: N802 (a type)
+    """A list whose validation stops at its first bad item: one error, not one per item (a
+    hostile body of 400,000 bad items would otherwise make 400,000 error objects)."""
+    return Annotated[list[item], Field(fail_fast=True, **constraints)]
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,256}$"
 CACHE_SALT_MAX_CHARS = 256
 
@@ -90,7 +98,7 @@ class SamplingFields(StrictModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: FastList(StrictInt, max_length=MAX_STOP_TOKEN_IDS) | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     # sinkserve extensions: StreamingLLM cache policy (null: the server's), and long sessions
@@ -163,7 +171,7 @@ class SamplingFields(StrictModel):
 class CompletionRequest(SamplingFields):
     _null_means_something = frozenset({"max_tokens"})  # null: as long as the context allows
 
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: StrictStr | FastList(StrictStr) | FastList(StrictInt) | FastList(FastList(StrictInt))
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
@@ -174,8 +182,9 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _few_enough(cls, value):
-        # Before the union is validated, so that a huge list is refused at once.
-        if isinstance(value, list) and len(value) > MAX_PROMPTS and value and isinstance(value[0], (str, list)):
+        # Before the union is validated, so that a huge list is refused at once: a list longer
+        # than MAX_PROMPTS may only be one prompt of token ids.
+        if isinstance(value, list) and len(value) > MAX_PROMPTS and not all(type(x) is int for x in value):
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(value)}")
         return value
 
@@ -254,4 +263,4 @@ class TokenizeRequest(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: StrictStr | None = None
-    tokens: list[StrictInt]
+    tokens: FastList(StrictInt)

@@ -29,17 +29,19 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     raw = await request.body()
     if not raw.strip():
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
-    try:
-        return await run_in_threadpool(_parse, model, raw)
-    except ValidationError as exc:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
-    except (ValueError, RecursionError):  # not JSON, not text, or nested past the parser's depth
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
+    return await run_in_threadpool(_parse, model, raw)
 
 
 def _parse(model: type[Body], raw: bytes) -> Body:
-    return model.model_validate(json.loads(raw))
+    """The body as `model`, or FastAPI's validation error with the first problem (the only one
+    the client is told; all of them could be many for a hostile body)."""
+    try:
+        return model.model_validate(json.loads(raw))
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise RequestValidationError([{**first, "loc": ("body", *first["loc"])}]) from None
+    except (ValueError, RecursionError):  # not JSON, not text, or nested past the parser's depth
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
 
 
 def body_schema(model: type[BaseModel]) -> dict:

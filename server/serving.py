@@ -87,9 +87,10 @@ class ServerState:
         if windowed:
             return
         limit = self.max_model_len * self.max_token_bytes * _NORMALIZATION_SLACK
-        if len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+        # UTF-8 takes at most 4 bytes a character: most texts need no encoding to be cleared.
+        if len(text) * 4 > limit and (size := len(text.encode("utf-8", "surrogatepass"))) > limit:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
-                                f"{param} has {len(text)} characters, more than that many tokens can hold.",
+                                f"{param} has {size} bytes of text, more than that many tokens can hold.",
                            param=param, code="context_length_exceeded")
 
     def check_model(self, model: str | None) -> None:
@@ -107,6 +108,7 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     options: dict  # Engine.add_request options (engine_options)
+    streamed: bool = False  # the client reads the outputs as they come (backpressure applies)
 
 
 def load_generation_defaults(model_dir: Path) -> dict:
@@ -132,10 +134,11 @@ def output_budget(state: ServerState, body: SamplingFields, max_tokens: int | No
 
 
 def check_logprob_volume(state: ServerState, params: SamplingParams, prompt_lengths: list[int]) -> None:
-    """Bound the logprobs one request may hold: (k + 1) entries per scored token."""
+    """Bound the logprobs one request may hold: (k + 1) entries per scored token, the prompt's
+    counted once per choice (each of the n choices repeats them)."""
     entries = 0
     if params.prompt_logprobs is not None:
-        entries += sum(prompt_lengths) * (params.prompt_logprobs + 1)
+        entries += sum(prompt_lengths) * params.n * (params.prompt_logprobs + 1)
     if params.logprobs is not None:
         longest = max(state.max_model_len - min(prompt_lengths), 1)
         max_tokens = params.max_tokens if params.max_tokens is not None else longest
@@ -155,6 +158,8 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
     vocab = state.tokenizer.vocab_size
     if body.logit_bias and any(not 0 <= t < vocab for t in body.logit_bias):
         raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+    if body.stop_token_ids and any(not 0 <= t < vocab for t in body.stop_token_ids):
+        raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab})", param="stop_token_ids")
     try:
         return SamplingParams(
             n=body.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
@@ -181,8 +186,10 @@ def session_key(raw: Request, session_id: str, param: str) -> str:
 
 def cache_salt(state: ServerState, raw: Request, body: SamplingFields) -> str | None:
     """The prefix-cache salt of a request: its API key's tenant (unless the operator shares the
-    cache between keys), with the request's own `cache_salt` on top."""
-    tenant = None if state.shared_prefix_cache else request_tenant(raw.scope)
+    cache between keys and the request has no salt of its own), with its `cache_salt` on top."""
+    tenant = request_tenant(raw.scope)
+    if state.shared_prefix_cache and body.cache_salt is None:
+        tenant = None  # shared between keys; a request's own salt stays its key's
     parts = [part for part in (tenant, body.cache_salt) if part is not None]
     return "\0".join(parts) if parts else None
 
@@ -244,9 +251,10 @@ def _encode_json(payload) -> bytes:
     parts: list[str] = []
 
     def encode(value, depth: int) -> None:
-        # The response's outer levels (choices, their logprobs, the logprob lists) are written
-        # element by element, each element at once: the GIL is let go between them.
-        if isinstance(value, list) and len(value) > 16:
+        # The response's outer levels (choices, a choice's logprobs, the list of logprob entries)
+        # are written element by element, and an entry (depth 4 and below) in one call: no single
+        # C call runs long, so the interpreter can switch to the event loop's thread between them.
+        if isinstance(value, list):
             parts.append("[")
             for start in range(0, len(value), 1024):
                 if start:
@@ -328,7 +336,7 @@ async def _engine_outputs(state: ServerState, job: Job
     if len(job.prompts) == 1:
         try:
             async with contextlib.aclosing(state.engine.generate(request_id(0), job.prompts[0], job.params,
-                                                                 **job.options)) as outputs:
+                                                                 job.streamed, **job.options)) as outputs:
                 async for item in outputs:
                     yield 0, item
         except Exception as exc:
@@ -341,7 +349,8 @@ async def _engine_outputs(state: ServerState, job: Job
 
     async def pump(index: int, token_ids: list[int]):
         try:
-            async for outputs in state.engine.generate(request_id(index), token_ids, job.params, **job.options):
+            async for outputs in state.engine.generate(request_id(index), token_ids, job.params, job.streamed,
+                                                       **job.options):
                 await queue.put((index, outputs))
             await queue.put((index, done))
         except Exception as exc:

@@ -97,6 +97,14 @@ def test_a_prompt_list_is_capped_and_refused_without_stalling_the_server(keyed):
     assert response.status_code == 400 and error_of(response)["param"] == "prompt"
     assert "2048" in error_of(response)["message"]
     assert probe.failures == 0 and probe.latencies
+    # a long list that is not one prompt of token ids is refused at once too, with one error
+    mixed = post(keyed, "/v1/completions", {"prompt": [5] + [[5]] * 200_000, "max_tokens": 1})
+    assert mixed.status_code == 400 and error_of(mixed)["param"] == "prompt"
+    bad_ids = post(keyed, "/v1/completions", {"prompt": "hi", "stop_token_ids": ["x"] * 200_000})
+    assert bad_ids.status_code == 400 and len(bad_ids.content) < 1000
+    for ids in ([5] * 257, [10**6], [-3]):
+        response = post(keyed, "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stop_token_ids": ids})
+        assert response.status_code == 400 and error_of(response)["param"] == "stop_token_ids"
     # prompts x n count against the waiting queue (64 here), before any prompt is tokenized
     response = post(keyed, "/v1/completions", {"prompt": ["a b"] * 20, "n": 4, "max_tokens": 1})
     assert response.status_code == 400 and error_of(response)["param"] == "n"
@@ -207,6 +215,28 @@ def test_ending_a_session_forgets_its_cached_blocks(keyed):
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
+def test_a_session_is_kept_apart_per_cache_salt_and_ids_with_a_slash_can_be_ended(keyed):
+    history = [{"role": "user", "content": "Salted. " + LONG_PROMPT}]
+
+    def turn(salt: str) -> int:
+        body = {"messages": history, "max_tokens": 4, "temperature": 0, "session_id": "team/alice",
+                "cache_salt": salt}
+        return post(keyed, "/v1/chat/completions", body).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert turn("one") == 0
+    assert turn("one") > 0
+    assert turn("two") == 0  # same key and session id, another salt: nothing of the first
+    deleted = httpx.delete(f"{keyed.url}/v1/sessions/team/alice", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert deleted.status_code == 200 and deleted.json()["id"] == "team/alice"
+
+
+def test_forwarded_headers_are_not_trusted_by_default():
+    with ServerProcess("--rate-limit", "3") as server:
+        statuses = [httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                               headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(8)]
+    assert statuses.count(200) == 3 and statuses.count(429) == 5
+
+
 def test_the_session_header_is_checked_like_the_field(keyed):
     for bad in ("", "x" * 8000, "a b", "ü"):
         response = post(keyed, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
@@ -274,6 +304,10 @@ def test_prompt_logprobs_on_both_routes(keyed):
     chat = post(keyed, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                                                 "prompt_logprobs": 0}).json()
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    forked = post(keyed, "/v1/completions", {"prompt": [1, 60, 90, 200], "max_tokens": 1, "prompt_logprobs": 1,
+                                             "n": 3, "temperature": 1.0}).json()
+    assert [c["prompt_logprobs"] for c in forked["choices"]] == [forked["choices"][0]["prompt_logprobs"]] * 3
+    assert forked["choices"][0]["prompt_logprobs"][1] is not None
     streamed = post(keyed, "/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True})
     assert streamed.status_code == 400 and error_of(streamed)["param"] == "prompt_logprobs"
 
