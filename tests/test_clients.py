@@ -186,7 +186,9 @@ def test_chat_cli_through_stdin(server):
     assert "(conversation reset)" in out
 
 
-def test_chat_cli_ctrl_c_stops_only_the_reply(server):
+def _interrupt_a_reply(server) -> tuple[int, str, str]:
+    """Ask for a long story, press Ctrl-C once the reply is streaming, then /quit: the exit code,
+    what the CLI showed, and its stderr."""
     chat = run_chat(server, "--max-tokens", "480", "--temperature", "1")
     try:
         chat.stdin.write(b"Tell me a long story.\n")
@@ -202,5 +204,15 @@ def test_chat_cli_ctrl_c_stops_only_the_reply(server):
         out, err = chat.communicate(b"/quit\n", timeout=60)
     finally:
         chat.kill()
-    assert chat.returncode == 0, err.decode()
-    assert "(reply stopped)" in (shown + out).decode(), (shown + out).decode()
+    return chat.returncode, (shown + out).decode(), err.decode()
+
+
+def test_chat_cli_ctrl_c_stops_only_the_reply(server):
+    # A sampled story can end (EOS) before the interrupt lands, on a busy machine: then the
+    # CLI has nothing to stop, and the test asks again (at most three times).
+    for _ in range(3):
+        returncode, shown, err = _interrupt_a_reply(server)
+        assert returncode == 0, err
+        if "(reply stopped)" in shown:
+            break
+    assert "(reply stopped)" in shown, shown
