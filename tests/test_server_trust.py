@@ -189,7 +189,7 @@ def test_sessions_are_kept_apart_per_api_key(keyed):
 
 
 def test_the_prefix_cache_is_not_shared_between_keys_or_salts(keyed, windowed):
-    prompt = LONG_PROMPT + " tenant probe"
+    prompt = "Tenant probe. " + LONG_PROMPT  # a first block no earlier request can have made
 
     def cached(server, key, **extra):
         out = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, **extra}, key=key).json()
