@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,3 +85,19 @@ async def stream_events(url: str, body: dict) -> list[str]:
                 if line.startswith("data: "):
                     events.append(line[6:])
     return events
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1) -> bool:
+    """Poll predicate until it is true or timeout seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of a process, in MiB (/proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024

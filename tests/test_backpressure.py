@@ -5,15 +5,13 @@ bounded, their KV blocks go back, and the other requests go on."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
-from pathlib import Path
 
 import httpx
 
 from server.async_engine import MAX_UNREAD_TOKENS
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, rss_mb, wait_for
 
 NUM_STALLED = 8
 # Chat chunks with 20 top logprobs (~1.7 KB each), so that the sockets' buffers (megabytes on
@@ -21,11 +19,6 @@ NUM_STALLED = 8
 # against the bound. Windowed (--attention-window), so that nothing ends them but an abort.
 STALLED = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 12_000,
            "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}
-
-
-def _rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def _open_unread_stream(port: int, path: str, body: dict) -> socket.socket:
@@ -50,26 +43,17 @@ def _read_until_done(sock: socket.socket, timeout: float = 60.0) -> bytes:
     return data
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
-
-
 def test_streams_nobody_reads_are_aborted_and_memory_stays_bounded():
     with ServerProcess("--attention-window", "64") as server:
         pid = server.process.pid
         warm = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 64}, timeout=60)
         assert warm.status_code == 200
         idle_blocks = server.metric("sinkserve_kv_blocks_used")
-        rss_before = _rss_mb(pid)
+        rss_before = rss_mb(pid)
         start = time.monotonic()
         stalled = [_open_unread_stream(server.port, "/v1/chat/completions", STALLED) for _ in range(NUM_STALLED)]
         try:
-            assert _wait_for(lambda: server.metric("sinkserve_num_requests_running") == NUM_STALLED, 30)
+            assert wait_for(lambda: server.metric("sinkserve_num_requests_running") == NUM_STALLED, 30)
 
             # A client that reads runs to completion beside them.
             canary_start = time.monotonic()
@@ -84,11 +68,11 @@ def test_streams_nobody_reads_are_aborted_and_memory_stays_bounded():
             assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
 
             # The stalled requests pass the bound and are aborted: their blocks go back.
-            assert _wait_for(lambda: server.metric("sinkserve_num_requests_running") == 0
+            assert wait_for(lambda: server.metric("sinkserve_num_requests_running") == 0
                              and server.metric("sinkserve_kv_blocks_used") == idle_blocks, 180), server.log()
             aborted_after = time.monotonic() - start
             generated = server.metric("sinkserve_generation_tokens_total")
-            rss_after = _rss_mb(pid)
+            rss_after = rss_mb(pid)
             print(f"\n{NUM_STALLED} unread streams (bound {MAX_UNREAD_TOKENS}): all aborted after {aborted_after:.1f} s "
                   f"and {generated:.0f} tokens generated in all; KV blocks back to {idle_blocks:.0f}; "
                   f"RSS {rss_before:.0f} -> {rss_after:.0f} MB; a reading client's 300 tokens: {canary_latency:.2f} s")

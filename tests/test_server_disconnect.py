@@ -5,23 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess, stream_events
+from tests.server_process import ServerProcess, stream_events, wait_for
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def test_dropped_streams_free_their_blocks(server):
 
     results = asyncio.run(run())
     assert results[20:] == ["length"] * 8
-    assert _wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == idle
+    assert wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == idle
                      and server.metric("sinkserve_num_requests_running") == 0)
     assert server.metric("sinkserve_request_success_total") >= 8
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 4})
@@ -72,7 +62,7 @@ def test_dropped_non_streaming_request_is_aborted(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
     # The abort comes long before 450 tokens would have been generated.
-    assert _wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == 0, timeout=30)
+    assert wait_for(lambda: server.metric("sinkserve_kv_blocks_used") == 0, timeout=30)
     assert server.metric('sinkserve_num_requests_running') == 0
 
 

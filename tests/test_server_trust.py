@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, rss_mb
 
 openai = pytest.importorskip("openai")
 
@@ -36,13 +36,6 @@ def windowed():
 def post(server, path: str, body: dict, key: str = KEY_A, headers: dict | None = None, timeout: float = 120):
     return httpx.post(f"{server.url}{path}", json=body, timeout=timeout,
                       headers={"Authorization": f"Bearer {key}", **(headers or {})})
-
-
-def rss_mb(server) -> float:
-    for line in open(f"/proc/{server.process.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 class HealthProbe:
@@ -89,11 +82,11 @@ def error_of(response) -> dict:
 # -- resource bounds ---------------------------------------------------------------------------
 
 def test_a_prompt_list_is_capped_and_refused_without_stalling_the_server(keyed):
-    before = rss_mb(keyed)
+    before = rss_mb(keyed.process.pid)
     with HealthProbe(keyed) as probe:
         response = post(keyed, "/v1/completions", {"prompt": [[5]] * 400_000, "max_tokens": 1})
     print(f"\n400,000 prompts (1.6 MB): {response.status_code}; {probe.summary()}; "
-          f"RSS {before:.0f} -> {rss_mb(keyed):.0f} MB")
+          f"RSS {before:.0f} -> {rss_mb(keyed.process.pid):.0f} MB")
     assert response.status_code == 400 and error_of(response)["param"] == "prompt"
     assert "2048" in error_of(response)["message"]
     assert probe.failures == 0 and probe.latencies
