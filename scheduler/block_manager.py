@@ -39,6 +39,16 @@ class _Block:
     hash: bytes | None = None  # set while the block is in the prefix cache
 
 
+@dataclass(frozen=True)
+class DetachedSeq:
+    """A sequence's block-table layout with its blocks given back (their K/V copied elsewhere)."""
+
+    num_blocks: int
+    hashes: list[bytes]
+    frozen: bool
+    root: bytes | None
+
+
 @dataclass
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)
@@ -215,6 +225,37 @@ class BlockManager:
                 del self._cache[block.hash]
                 block.hash = None
             self._release(block_id)
+
+    def detach(self, seq_id: str) -> DetachedSeq:
+        """Give the sequence's blocks back and keep only its table's layout, for `attach` to
+        restore into fresh blocks once the caller has copied their K/V out (idle sessions
+        moved to host memory). Cached blocks stay hit-able, as after `free`."""
+        seq = self._seqs[seq_id]
+        detached = DetachedSeq(len(seq.table), list(seq.hashes), seq.frozen, seq.root)
+        self.free(seq_id)
+        return detached
+
+    def attach(self, seq_id: str, detached: DetachedSeq) -> list[int] | None:
+        """A detached sequence's table again, in fresh blocks for the caller to copy its K/V
+        into; None when the pool is short (then nothing has changed). The fresh blocks are not
+        in the prefix cache; the sequence's later full blocks may enter it, as before."""
+        if seq_id in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} already has blocks")
+        if detached.num_blocks > self.num_free_blocks:
+            return None
+        table = [self._pop_free() for _ in range(detached.num_blocks)]
+        self._seqs[seq_id] = _SeqBlocks(table, list(detached.hashes), detached.frozen, detached.root)
+        return table
+
+    def forget(self, hashes: list[bytes]) -> None:
+        """Take the blocks cached under these digests that nobody holds out of the prefix cache."""
+        for digest in hashes:
+            block_id = self._cache.get(digest)
+            if block_id is not None and self._blocks[block_id].ref_count == 0:
+                del self._cache[digest]
+                self._blocks[block_id].hash = None
+                del self._evictable[block_id]
+                self._free.append(block_id)
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model.attention_backend import resolve_backend
+from model.host_kv import HostKVPool
 from model.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
 from model.loader import load_model, model_config
 from model.model_path import resolve_model_path
@@ -42,6 +43,7 @@ from scheduler.engine_stats import EngineStats
 from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from scheduler.request import FinishReason, Request
 from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler.sessions import HostTier
 from scheduler.sink_policy import SinkPolicy
 
 
@@ -115,6 +117,10 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.block_manager, config.session_ttl)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        num_host_blocks = config.session_memory // HostKVPool.bytes_per_block(self.runner.kv_caches)
+        if num_host_blocks > 0:
+            self.scheduler.sessions.host = HostTier(num_host_blocks, HostKVPool(self.runner.kv_caches,
+                                                                               num_host_blocks))
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
             try:
                 self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len)
@@ -243,14 +249,18 @@ class Engine:
         return len(self.scheduler.sessions)
 
     def stats(self) -> EngineStats:
-        scheduler, blocks = self.scheduler, self.block_manager
+        scheduler, blocks, sessions = self.scheduler, self.block_manager, self.scheduler.sessions
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_kv_blocks_used=blocks.num_used_blocks, num_kv_blocks_total=blocks.num_blocks,
             prefix_cache_queries=blocks.prefix_cache_queries, prefix_cache_hits=blocks.prefix_cache_hits,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             num_preemptions=scheduler.num_preemptions, num_sink_evictions=scheduler.num_evictions,
-            num_sessions=len(scheduler.sessions), num_session_reused_tokens=scheduler.sessions.num_reused_tokens)
+            num_sessions=len(scheduler.sessions), num_session_reused_tokens=scheduler.sessions.num_reused_tokens,
+            num_sessions_in_host=sessions.num_swapped,
+            num_session_host_blocks_used=sessions.host.num_used_blocks if sessions.host else 0,
+            num_session_host_blocks_total=sessions.host.num_blocks if sessions.host else 0,
+            num_sessions_swapped_out=sessions.num_swapped_out, num_sessions_swapped_in=sessions.num_swapped_in)
 
     def expire_sessions(self) -> int:
         return self.scheduler.sessions.expire(time.monotonic())

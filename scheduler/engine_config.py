@@ -19,7 +19,8 @@ class EngineConfig:
     sized from memory: `kv_cache_memory` bytes on a CPU, `gpu_memory_utilization` of the device
     on a GPU (model/kv_sizing.py). `max_model_len` None takes the model's context. A request
     without its own sink policy gets `attention_sinks` sinks and an `attention_window` recent
-    window (None or 0: dense attention).
+    window (None or 0: dense attention). Idle sessions given up under memory pressure move to
+    `session_memory` bytes of host blocks (scheduler/sessions.py).
     """
 
     model: str | Path | None = None
@@ -34,6 +35,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     session_ttl: float = 600.0
+    session_memory: int = 1 << 30  # bytes of host memory for idle sessions' K/V (0: none)
     attention_sinks: int = 4
     attention_window: int | None = None
     load_format: str = "auto"

@@ -21,3 +21,8 @@ class EngineStats:
     num_sink_evictions: int  # StreamingLLM evictions (a block, or a sink block's tail)
     num_sessions: int  # long sessions holding a KV cache
     num_session_reused_tokens: int  # tokens session requests did not recompute
+    num_sessions_in_host: int = 0  # idle sessions whose K/V is in the host tier
+    num_session_host_blocks_used: int = 0  # host blocks holding them
+    num_session_host_blocks_total: int = 0  # host blocks in the tier (--session-memory)
+    num_sessions_swapped_out: int = 0  # sessions moved to the host tier
+    num_sessions_swapped_in: int = 0  # sessions copied back from it instead of recomputed

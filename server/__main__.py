@@ -33,6 +33,8 @@ from server.connections import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.middleware import DEFAULT_BODY_TIMEOUT
+from server.response_store import (DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES,
+                                   DEFAULT_RESPONSE_TTL, ResponseStore)
 from server.serving import DEFAULT_MAX_OUTPUT_TOKENS, ServerState, load_generation_defaults
 
 logger = logging.getLogger("sinkserve")
@@ -88,12 +90,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-window", type=int, default=None,
                    help="StreamingLLM recent window in tokens (default: none, dense attention)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
+    p.add_argument("--session-memory", type=float, default=1.0,
+                   help="GiB of host memory for idle sessions' KV caches under memory pressure (0: drop them; "
+                        "like llama.cpp's --cache-ram)")
     p.add_argument("--max-output-tokens", type=positive(int), default=DEFAULT_MAX_OUTPUT_TOKENS,
                    help="output tokens per completion at most for requests with a StreamingLLM window (whose "
                         "context never fills up), and their default")
     p.add_argument("--shared-prefix-cache", action="store_true",
                    help="with API keys, let requests of different keys share prefix-cache blocks (by default "
                         "each key's are its own)")
+    p.add_argument("--max-stored-responses", type=positive(int), default=DEFAULT_MAX_STORED_RESPONSES,
+                   help="/v1/responses: responses kept in memory at most (least recently used forgotten first)")
+    p.add_argument("--response-ttl", type=positive(float), default=DEFAULT_RESPONSE_TTL,
+                   help="/v1/responses: seconds a stored response is kept after its last use")
+    p.add_argument("--response-store-memory", type=positive(float), default=DEFAULT_RESPONSE_STORE_BYTES / 2**30,
+                   help="/v1/responses: GiB of memory for stored responses' text at most (an estimate)")
+    p.add_argument("--max-chain-tokens", type=positive(int), default=DEFAULT_MAX_CHAIN_TOKENS,
+                   help="/v1/responses: tokens a response chain's conversation may have at most (400 past it)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="paged attention implementation (default: auto, triton kernels on CUDA)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -179,7 +192,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=int(args.kv_cache_memory * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-        session_ttl=args.session_ttl, attention_sinks=args.attention_sinks, attention_window=args.attention_window,
+        session_ttl=args.session_ttl, session_memory=int(args.session_memory * 2**30),
+        attention_sinks=args.attention_sinks, attention_window=args.attention_window,
         load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
     )
@@ -195,6 +209,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
         shared_prefix_cache=args.shared_prefix_cache,
+        response_store=ResponseStore(args.max_stored_responses, args.response_ttl,
+                                     int(args.response_store_memory * 2**30), args.max_chain_tokens),
     )
 
 

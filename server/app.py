@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +20,8 @@ from server.middleware import (DEFAULT_BODY_TIMEOUT, APIKeyMiddleware, BodySizeL
                                RequestIdMiddleware)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_body import add_body_schemas, body_schema, parse_body
+from server.responses import create_response, delete_response, list_input_items, retrieve_response
+from server.responses_protocol import ResponseRequest
 from server.serving import ServerState, engine_api_error, json_response, session_key
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
@@ -56,6 +59,26 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
     async def chat_completions(raw: Request):
         return await create_chat_completion(state, await parse_body(raw, ChatCompletionRequest), raw)
+
+    # The Responses API (server/responses.py): response chains run as sessions.
+    @app.post("/v1/responses", openapi_extra=body_schema(ResponseRequest))
+    async def responses(raw: Request):
+        return await create_response(state, await parse_body(raw, ResponseRequest), raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, raw: Request, stream: bool = False,
+                           include: list[str] | None = Query(None)):
+        return await retrieve_response(state, response_id, raw, stream, include)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def forget_response(response_id: str, raw: Request):
+        return await delete_response(state, response_id, raw)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, raw: Request, after: str | None = None,
+                                   limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
+                                   include: list[str] | None = Query(None)):
+        return await list_input_items(state, response_id, raw, after, limit, order, include)
 
     @app.delete("/v1/sessions/{session_id:path}")
     async def end_session(session_id: str, raw: Request):
@@ -113,7 +136,8 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
 
         return await json_response({"prompt": await run_in_threadpool(decode)})
 
-    add_body_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
+    add_body_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                           ResponseRequest])
 
     # Outermost last: auth runs before the rate limit (a wrong key uses no one's quota), both
     # before the body is read (a client without a key, or past its quota, sends no body the

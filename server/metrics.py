@@ -51,6 +51,16 @@ class _EngineCollector:
         yield self._gauge("sinkserve_sessions_active", "Long sessions holding a KV cache.", stats.num_sessions)
         yield self._counter("sinkserve_session_reused_tokens", "Tokens a session request did not recompute.",
                             stats.num_session_reused_tokens)
+        yield self._gauge("sinkserve_sessions_in_host_memory", "Idle sessions whose KV cache is in host memory.",
+                          stats.num_sessions_in_host)
+        yield self._gauge("sinkserve_session_host_blocks_used", "Host-memory KV blocks holding idle sessions.",
+                          stats.num_session_host_blocks_used)
+        yield self._gauge("sinkserve_session_host_blocks_total", "Host-memory KV blocks for idle sessions.",
+                          stats.num_session_host_blocks_total)
+        yield self._counter("sinkserve_sessions_swapped_out", "Idle sessions moved to host memory.",
+                            stats.num_sessions_swapped_out)
+        yield self._counter("sinkserve_sessions_swapped_in", "Sessions copied back from host memory.",
+                            stats.num_sessions_swapped_in)
 
 
 class Metrics:

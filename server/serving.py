@@ -30,6 +30,7 @@ from server.errors import APIError, sse_error
 from server.metrics import Metrics
 from server.middleware import request_tenant
 from server.protocol import SESSION_ID_PATTERN, SamplingFields
+from server.response_store import ResponseStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class ServerState:
     # With API keys, each key's requests share prefix-cache blocks only among themselves, unless
     # the operator shares the cache between keys (--shared-prefix-cache).
     shared_prefix_cache: bool = False
+    # The Responses API's stored responses and their bounds (server/response_store.py;
+    # --max-stored-responses, --response-ttl, --response-store-memory, --max-chain-tokens).
+    response_store: ResponseStore = field(default_factory=ResponseStore)
 
     def check_capacity(self, num_sequences: int = 1) -> None:
         """A fast 503 with Retry-After when the waiting queue cannot take the request's sequences

@@ -183,6 +183,28 @@ def test_streaming_llm_window_matches_the_dense_reference():
     assert max(run.used_blocks) <= policy.capacity_blocks()
 
 
+def test_windowed_prompt_scoring_matches_the_dense_reference():
+    """Scoring a stream past a sinks + window cache (the streaming-perplexity benchmark's path:
+    prompt logprobs, prefill chunks cut at each eviction, 16-token blocks) against the dense
+    float64 reference with the same eviction schedule."""
+    engine = Engine(SMOLLM2, device="cpu", dtype="float32", block_size=16, num_kv_blocks=32, max_model_len=256,
+                    attention_sinks=4, attention_window=44)
+    policy = engine.sink_policy()
+    rng = random.Random(1)
+    text = " ".join(rng.choice(["Prince", "Andrew", "said", "to", "Natasha", "that", "the", "war", "was", "over,",
+                                "and", "Moscow", "burned."]) for _ in range(200))
+    stream = engine.tokenizer.encode(text)[:2 * policy.capacity + 24]
+    engine.add_request("score", stream, SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=0))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    scored = outputs[-1].prompt_logprobs
+    assert engine.scheduler.num_evictions >= 3
+    expected = torch.log_softmax(dense_reference(engine.model, stream[:-1], policy), -1)
+    errors = [abs(entry.logprob - expected[pos - 1, stream[pos]].item()) for pos, entry in enumerate(scored[1:], 1)]
+    assert max(errors) <= 2e-4, f"max logprob error {max(errors):.2e} at token {errors.index(max(errors)) + 1}"
+
+
 def test_the_readme_server_answers_through_the_openai_client():
     """`python -m server --model smollm2`, as the README's first command runs it."""
     openai = pytest.importorskip("openai")

@@ -1,0 +1,449 @@
+"""OpenAI's Responses API on top of sessions: POST /v1/responses, GET and DELETE
+/v1/responses/{id}, GET /v1/responses/{id}/input_items.
+
+A response chain is a session. A response's conversation is its chain's stored messages (every
+earlier turn's input and output, found by walking `previous_response_id`) plus this request's
+input, with this request's `instructions` (only) as the system message; it is rendered with the
+chat template and run under the chain's engine session (named after the chain's root response,
+per API key), so turn k takes over the KV cache turn k-1 left and prefills only what is new
+(scheduler/sessions.py matches the resent history against the session's tokens). When the
+session's cache is gone (memory pressure, its TTL, a delete), the next turn prefills the stored
+history again: correct, only slower. `store: false` runs without a session and keeps nothing.
+Storage and its bounds: server/response_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from model.sampling_params import SamplingParams, SamplingParamsError
+from scheduler.engine import PromptTooLongError
+from server.async_engine import EngineDeadError
+from server.chat_template import ChatTemplateError
+from server.errors import APIError
+from server.middleware import request_tenant
+from server.response_store import Chain, StoredResponse
+from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
+from server.serving import (Job, ServerState, cache_salt, check_prompt, engine_api_error, json_response,
+                            run_prompts, session_key, until_disconnected)
+
+logger = logging.getLogger(__name__)
+
+_NO_SALT = SimpleNamespace(cache_salt=None)  # a response's cache salt is its API key's alone
+_background: set[asyncio.Task] = set()  # session ends under way (a reference keeps each task alive)
+
+
+@dataclass
+class _Turn:
+    """A validated request, ready to run."""
+
+    body: ResponseRequest
+    response_id: str
+    message_id: str
+    created_at: int
+    tenant: str | None
+    previous: StoredResponse | None
+    chain: Chain | None  # None: not stored
+    input_items: tuple[tuple[str, str, str], ...]  # (item id, role, text)
+    temperature: float
+    top_p: float
+    job: Job | None = None
+    stored: bool = False
+
+
+def _not_found(response_id: str, param: str | None = None, code: str | None = None) -> APIError:
+    shown = response_id[:MAX_ID_CHARS]
+    if param == "previous_response_id":
+        return APIError(404, f"Previous response with id '{shown}' not found.", param=param, code=code)
+    return APIError(404, f"No response found with id '{shown}'.", "invalid_request_error", param, code)
+
+
+def _spawn_session_ends(state: ServerState, sessions: list[str]) -> None:
+    """End sessions in the engine in the background (a request does not wait for it)."""
+    if sessions:
+        task = asyncio.ensure_future(_end_sessions(state, sessions))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+async def _end_sessions(state: ServerState, sessions: list[str]) -> None:
+    if sessions:
+        with contextlib.suppress(EngineDeadError):  # a dead engine keeps no sessions anyway
+            await state.engine.call(lambda engine: [engine.end_session(session) for session in sessions])
+
+
+def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
+    node, ended = state.response_store.get(response_id, request_tenant(raw.scope))
+    _spawn_session_ends(state, ended)
+    return node
+
+
+async def create_response(state: ServerState, body: ResponseRequest, raw: Request) -> Response:
+    state.check_model(body.model)
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    previous = None
+    if body.previous_response_id is not None:
+        previous = _lookup(state, body.previous_response_id, raw)
+        if previous is None:
+            raise _not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
+    try:
+        windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="attention_window") from exc
+    params = _sampling_params(state, body, _output_budget(state, body, windowed))
+    state.check_capacity()
+    response_id = f"resp_{uuid.uuid4().hex}"
+    chain = None
+    if body.store:
+        chain = previous.chain if previous is not None else Chain(
+            session_key(raw, f"responses:{response_id[len('resp_'):]}", "previous_response_id"))
+    turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), request_tenant(raw.scope),
+                 previous, chain, tuple((f"msg_{uuid.uuid4().hex}", role, text) for role, text in body.messages()),
+                 params.temperature, params.top_p)
+    timeout = state.request_timeout
+    options = {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
+               "session_id": chain.session_id if chain is not None else None,
+               "cache_salt": cache_salt(state, raw, _NO_SALT),
+               "deadline": time.monotonic() + timeout if timeout else None}
+    prompt = await run_in_threadpool(_prompt, state, turn, params, options, windowed)
+    state.check_capacity()
+    turn.job = Job(response_id, {}, [prompt], params, options, streamed=body.stream)
+    if body.stream:
+        return StreamingResponse(_stream(state, turn), media_type="text/event-stream")
+    payload = await until_disconnected(raw, _collect(state, turn))
+    return await json_response(payload) if payload is not None else Response(status_code=499)
+
+
+def _output_budget(state: ServerState, body: ResponseRequest, windowed: bool) -> int | None:
+    """max_output_tokens, as output_budget does for the other routes: with a StreamingLLM
+    window, the server's cap by default and at most (a dense reply is bounded by the context)."""
+    if not windowed:
+        return body.max_output_tokens
+    if body.max_output_tokens is None:
+        return state.max_output_tokens
+    if body.max_output_tokens > state.max_output_tokens:
+        raise APIError(400, f"max_output_tokens is {body.max_output_tokens}, more than this server's limit of "
+                            f"{state.max_output_tokens} output tokens per response.", param="max_output_tokens")
+    return body.max_output_tokens
+
+
+def _sampling_params(state: ServerState, body: ResponseRequest, max_tokens: int | None) -> SamplingParams:
+    def pick(name: str, fallback):
+        value = getattr(body, name, None)
+        return value if value is not None else state.defaults.get(name, fallback)
+
+    try:
+        return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+                              top_k=pick("top_k", None), min_p=pick("min_p", 0.0),
+                              repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens)
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
+
+
+def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: dict, windowed: bool) -> list[int]:
+    """The conversation's prompt tokens (in a worker thread): the chain's history, this
+    request's input, this request's instructions first; checked against the chain's bound
+    and the context, with the oldest messages dropped to fit under `truncation: "auto"`."""
+    body = turn.body
+    system = [("system", body.instructions)] if body.instructions is not None else []
+    new = [(role, text) for _, role, text in turn.input_items]
+    if not windowed:  # before tokenizing: text that cannot fit the context at all
+        checked = new if body.truncation == "disabled" else new[-1:]
+        for _, text in system + checked:
+            state.check_text_length(text, windowed, "input")
+    messages = (turn.previous.conversation() if turn.previous is not None else []) + new
+
+    def encode(kept: list[tuple[str, str]]) -> list[int]:
+        try:
+            return state.chat_template.encode([{"role": role, "content": text} for role, text in system + kept])
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="input") from exc
+
+    prompt = encode(messages)
+    limit = state.response_store.max_chain_tokens
+    if len(prompt) > limit:
+        raise APIError(400, f"This conversation has {len(prompt)} tokens, more than this server keeps for one "
+                            f"response chain ({limit}). Start a new chain (without previous_response_id), for "
+                            "example from a summary of this one.",
+                       param="previous_response_id" if turn.previous is not None else "input",
+                       code="response_chain_too_long")
+    if not windowed and body.truncation == "auto" and not _fits(state, prompt, params):
+        prompt = _truncated(state, messages, encode, params)
+    check_prompt(state, prompt, params, options, "input")
+    return prompt
+
+
+def _fits(state: ServerState, prompt: list[int], params: SamplingParams) -> bool:
+    try:
+        state.engine.check_prompt(prompt, params, None)
+    except PromptTooLongError:
+        return False
+    except ValueError:
+        return True  # another problem: check_prompt reports it
+    return True
+
+
+def _truncated(state: ServerState, messages: list[tuple[str, str]], encode, params: SamplingParams) -> list[int]:
+    """`truncation: "auto"` on a dense request: the prompt without the fewest oldest messages
+    (the last one is always kept) that fits the context, starting at a message that is not an
+    assistant's; the last message alone when nothing fits (check_prompt then refuses it)."""
+    low, high = 1, len(messages) - 1
+    best = None
+    while low <= high:  # the fewest messages to drop (a shorter conversation fits if a longer one does)
+        mid = (low + high) // 2
+        prompt = encode(messages[mid:])
+        if _fits(state, prompt, params):
+            best, high = (mid, prompt), mid - 1
+        else:
+            low = mid + 1
+    if best is None:
+        return encode(messages[-1:])
+    dropped, prompt = best
+    if messages[dropped][0] == "assistant" and dropped < len(messages) - 1:
+        while messages[dropped][0] == "assistant" and dropped < len(messages) - 1:
+            dropped += 1
+        prompt = encode(messages[dropped:])
+    return prompt
+
+
+# -- response objects ------------------------------------------------------------------------
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(message_id: str, status: str, text: str | None) -> dict:
+    return {"id": message_id, "type": "message", "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _usage(turn: _Turn, output_tokens: int, cached: int) -> dict:
+    input_tokens = len(turn.job.prompts[0])
+    # What this turn wrote into its chain's session, for the next turn: the input tokens it computed.
+    written = input_tokens - cached if turn.job.options["session_id"] is not None else 0
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def _response_object(state: ServerState, turn: _Turn, status: str, *, output: list[dict], usage: dict | None = None,
+                     incomplete: str | None = None, error: dict | None = None) -> dict:
+    body = turn.body
+    done = status in ("completed", "incomplete", "failed")
+    return {
+        "id": turn.response_id, "object": "response", "created_at": turn.created_at, "status": status,
+        "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+        "error": error, "incomplete_details": {"reason": incomplete} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+        "max_tool_calls": body.max_tool_calls, "model": state.model_name, "output": output,
+        "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
+        "prompt_cache_key": body.prompt_cache_key, "prompt_cache_retention": None,
+        "reasoning": {"effort": None, "summary": None}, "safety_identifier": body.safety_identifier,
+        "service_tier": "default", "store": body.store, "temperature": turn.temperature,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": body.tool_choice or "auto",
+        "tools": [], "top_logprobs": 0, "top_p": turn.top_p, "truncation": body.truncation,
+        "usage": usage if done else None, "user": body.user, "metadata": body.metadata or {},
+    }
+
+
+def _outcome(finish_reason: str | None) -> tuple[str, str | None]:
+    """(status, incomplete_details.reason) of a finished reply: cut by max_output_tokens or a
+    full context is OpenAI's "max_output_tokens"; cut by the request deadline or the server
+    (finish reasons "timeout", "abort") is incomplete with no reason of OpenAI's."""
+    if finish_reason == "length":
+        return "incomplete", "max_output_tokens"
+    if finish_reason in ("timeout", "abort"):
+        return "incomplete", None
+    return "completed", None
+
+
+def _finish(state: ServerState, turn: _Turn, text: str, finish_reason: str | None, output_tokens: int,
+            cached: int) -> tuple[dict, list[str]]:
+    """The finished response object, stored when asked (in a worker thread: the text may be
+    long); and the sessions that storing it ended."""
+    status, reason = _outcome(finish_reason)
+    item_status = "completed" if status == "completed" else "incomplete"
+    payload = _response_object(state, turn, status, output=[_message_item(turn.message_id, item_status, text)],
+                               usage=_usage(turn, output_tokens, cached), incomplete=reason)
+    ended: list[str] = []
+    if turn.chain is not None:
+        fields = {key: value for key, value in payload.items() if key not in ("instructions", "output")}
+        node = StoredResponse(turn.response_id, turn.tenant, turn.chain, turn.previous, turn.input_items,
+                              turn.body.instructions, text, turn.message_id, fields)
+        turn.stored = True
+        ended = state.response_store.add(node)
+    return payload, ended
+
+
+def _abandon(state: ServerState, turn: _Turn) -> None:
+    """A turn that ended without a stored response (the client left, or an error): a chain it
+    would have started has nothing to continue from, so its session goes too."""
+    if turn.chain is not None and turn.previous is None and not turn.stored:
+        _spawn_session_ends(state, [turn.chain.session_id])
+
+
+async def _collect(state: ServerState, turn: _Turn) -> dict:
+    parts: list[str] = []
+    finish_reason, output_tokens, cached = None, 0, 0
+    try:
+        async for _, out in run_prompts(state, turn.job):
+            parts.append(out.text)
+            if out.finished:
+                finish_reason, output_tokens, cached = out.finish_reason, out.num_output_tokens, out.num_cached_tokens
+        payload, ended = await run_in_threadpool(_finish, state, turn, "".join(parts), finish_reason, output_tokens,
+                                                 cached)
+    finally:
+        _abandon(state, turn)
+    _spawn_session_ends(state, ended)
+    return payload
+
+
+def _event(kind: str, sequence_number: int, **fields) -> str:
+    payload = {"type": kind, **fields, "sequence_number": sequence_number}
+    return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
+    """response.created, response.in_progress, the message item and its text part added, the
+    text deltas, then the text, part and item done and response.completed (or .incomplete); an
+    error after the stream began ends it with an `error` event and response.failed. A client
+    that leaves aborts the request (closing run_prompts)."""
+    try:
+        async with contextlib.aclosing(_stream_events(state, turn)) as events:
+            async for event in events:
+                yield event
+    finally:
+        _abandon(state, turn)
+
+
+async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
+    sequence = itertools.count()
+    message_id = turn.message_id
+    started = _response_object(state, turn, "in_progress", output=[])
+    yield _event("response.created", next(sequence), response=started)
+    yield _event("response.in_progress", next(sequence), response=started)
+    yield _event("response.output_item.added", next(sequence), output_index=0,
+                 item=_message_item(message_id, "in_progress", None))
+    yield _event("response.content_part.added", next(sequence), item_id=message_id, output_index=0, content_index=0,
+                 part=_text_part(""))
+    parts: list[str] = []
+    finish_reason, output_tokens, cached = None, 0, 0
+    try:
+        async with contextlib.aclosing(run_prompts(state, turn.job)) as outputs:
+            async for _, out in outputs:
+                if out.text:
+                    parts.append(out.text)
+                    yield _event("response.output_text.delta", next(sequence), item_id=message_id, output_index=0,
+                                 content_index=0, delta=out.text, logprobs=[])
+                if out.finished:
+                    finish_reason = out.finish_reason
+                    output_tokens, cached = out.num_output_tokens, out.num_cached_tokens
+    except Exception as exc:  # the headers are sent: the error travels inside the stream
+        error = engine_api_error(exc)
+        if error is None:
+            logger.exception("response stream failed")
+            error = APIError(500, "The server had an error while processing the request.", "internal_error")
+        yield _event("error", next(sequence), code=error.code or error.type, message=error.message, param=error.param)
+        item = _message_item(message_id, "incomplete", "".join(parts))
+        failed = _response_object(state, turn, "failed", output=[item],
+                                  error={"code": "server_error", "message": error.message})
+        yield _event("response.failed", next(sequence), response=failed)
+        return
+    first = next(sequence)
+    events, ended = await run_in_threadpool(_final_events, state, turn, "".join(parts), finish_reason, output_tokens,
+                                            cached, first)
+    for event in events:
+        yield event
+    _spawn_session_ends(state, ended)
+
+
+def _final_events(state: ServerState, turn: _Turn, text: str, finish_reason: str | None, output_tokens: int,
+                  cached: int, first: int) -> tuple[list[str], list[str]]:
+    payload, ended = _finish(state, turn, text, finish_reason, output_tokens, cached)
+    item = payload["output"][0]
+    ids = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
+    events = [
+        _event("response.output_text.done", first, **ids, text=text, logprobs=[]),
+        _event("response.content_part.done", first + 1, **ids, part=_text_part(text)),
+        _event("response.output_item.done", first + 2, output_index=0, item=item),
+        _event(f"response.{payload['status']}", first + 3, response=payload),
+    ]
+    return events, ended
+
+
+# -- stored responses ------------------------------------------------------------------------
+
+
+def _stored_object(node: StoredResponse) -> dict:
+    status = "completed" if node.fields["status"] == "completed" else "incomplete"
+    return {**node.fields, "instructions": node.instructions,
+            "output": [_message_item(node.message_id, status, node.output_text)]}
+
+
+async def retrieve_response(state: ServerState, response_id: str, raw: Request, stream: bool,
+                            include: list[str] | None) -> Response:
+    if stream:
+        raise APIError(400, "stream is not supported when retrieving a response: responses are not run in the "
+                            "background", param="stream")
+    if include:
+        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
+    node = _lookup(state, response_id, raw)
+    if node is None:
+        raise _not_found(response_id)
+    return await json_response(await run_in_threadpool(_stored_object, node))
+
+
+async def delete_response(state: ServerState, response_id: str, raw: Request) -> dict:
+    """Forget a response; if its chain's session holds its turn (it was the chain's head), or
+    it was the chain's last response kept, the session's cache ends too."""
+    deleted, ended = state.response_store.delete(response_id, request_tenant(raw.scope))
+    await _end_sessions(state, ended)
+    if not deleted:
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _input_item(item_id: str, role: str, text: str) -> dict:
+    if role == "assistant":
+        return {"id": item_id, "type": "message", "status": "completed", "role": role, "content": [_text_part(text)]}
+    return {"id": item_id, "type": "message", "status": "completed", "role": role,
+            "content": [{"type": "input_text", "text": text}]}
+
+
+async def list_input_items(state: ServerState, response_id: str, raw: Request, after: str | None, limit: int,
+                           order: str, include: list[str] | None) -> Response:
+    if include:
+        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
+    node = _lookup(state, response_id, raw)
+    if node is None:
+        raise _not_found(response_id)
+
+    def page() -> dict:
+        items = list(node.input_items) if order == "asc" else list(reversed(node.input_items))
+        start = 0
+        if after is not None:
+            ids = [item_id for item_id, _, _ in items]
+            if after not in ids:
+                raise APIError(400, f"No input item with id '{after[:MAX_ID_CHARS]}' in this response.", param="after")
+            start = ids.index(after) + 1
+        data = [_input_item(*item) for item in items[start:start + limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}
+
+    return await json_response(await run_in_threadpool(page))
