@@ -73,6 +73,10 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self._cache: dict[bytes, int] = {}
         self._seqs: dict[str, _SeqBlocks] = {}
+        # Sources of this step's copy-on-write copies: not handed out again before the step
+        # has run the copies, even when nobody holds them any more, so that nothing written
+        # between scheduling and the copy (a session copied back from host memory) lands there.
+        self._copy_sources: set[int] = set()
         self.prefix_cache_queries = 0  # prompt tokens looked up by admitted sequences
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -146,12 +150,20 @@ class BlockManager:
         if copy_first:
             src = seq.table[first]
             dst = self._pop_free()
-            self._release(src)
+            self._release(src, copy_source=True)
             seq.table[first] = dst
             copies.append((src, dst))
         for _ in range(num_missing):
             seq.table.append(self._pop_free())
         return copies
+
+    def release_copy_sources(self) -> None:
+        """The last step has run its copies: sources nobody holds go back to the pool (call
+        before scheduling)."""
+        for block_id in self._copy_sources:
+            if self._blocks[block_id].ref_count == 0:
+                self._give_back(block_id)
+        self._copy_sources.clear()
 
     def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Offer the sequence's full blocks among its first num_computed tokens to the prefix cache.
@@ -225,6 +237,8 @@ class BlockManager:
                 del self._cache[block.hash]
                 block.hash = None
             self._release(block_id)
+        if forget:  # a table restored from host memory: its history is cached in other blocks
+            self.forget(seq.hashes)
 
     def detach(self, seq_id: str) -> DetachedSeq:
         """Give the sequence's blocks back and keep only its table's layout, for `attach` to
@@ -254,23 +268,30 @@ class BlockManager:
             if block_id is not None and self._blocks[block_id].ref_count == 0:
                 del self._cache[digest]
                 self._blocks[block_id].hash = None
-                del self._evictable[block_id]
-                self._free.append(block_id)
+                if block_id in self._evictable:  # else a copy source, freed after its step
+                    del self._evictable[block_id]
+                    self._free.append(block_id)
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:
-            del self._evictable[block_id]
+            self._evictable.pop(block_id, None)  # (not there: a copy source of this step)
         block.ref_count += 1
 
-    def _release(self, block_id: int) -> None:
+    def _release(self, block_id: int, copy_source: bool = False) -> None:
         block = self._blocks[block_id]
         block.ref_count -= 1
-        if block.ref_count == 0:
-            if block.hash is None:
-                self._free.append(block_id)
-            else:
-                self._evictable[block_id] = None
+        if copy_source:
+            self._copy_sources.add(block_id)
+        if block.ref_count == 0 and block_id not in self._copy_sources:
+            self._give_back(block_id)
+
+    def _give_back(self, block_id: int) -> None:
+        """An unreferenced block goes to the free list, or stays hit-able if it is cached."""
+        if self._blocks[block_id].hash is None:
+            self._free.append(block_id)
+        else:
+            self._evictable[block_id] = None
 
     def _pop_free(self) -> int:
         if self._free:

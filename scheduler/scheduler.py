@@ -92,6 +92,7 @@ class Scheduler:
             request.finish(reason, stop_reason)
 
     def schedule(self) -> ScheduledBatch:
+        self.block_manager.release_copy_sources()
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preemptions_before = self.num_preemptions
@@ -228,6 +229,7 @@ class Scheduler:
     def schedule_alone(self, request: Request) -> ScheduledBatch:
         """A step of this one request and nothing else (waiting: admitted first). Empty when
         the pool or the sequence cap has no room for it now."""
+        self.block_manager.release_copy_sources()
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         if request.status is RequestStatus.WAITING:

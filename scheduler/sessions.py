@@ -20,6 +20,7 @@ the history the client resends, like any prompt.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Protocol
 from scheduler.block_manager import BlockManager, DetachedSeq
 from scheduler.request import Request
 from scheduler.sink_policy import SinkPolicy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -187,15 +190,19 @@ class SessionStore:
         the host tier cannot hold it (even after dropping its older sessions)."""
         host = self.host
         table = self.block_manager.block_table(session.blocks_key)
-        if host is None or len(table) > host.num_blocks:
-            return False
+        in_tier = sum(len(s.host_blocks) for s in self._swapped.values())
+        if host is None or len(host.free) + in_tier < len(table):
+            return False  # too large, or the rest of the tier holds a session being copied back
         while len(host.free) < len(table):
-            if not self._swapped:  # the rest is held by a session being copied back
-                return False
             _, oldest = self._swapped.popitem(last=False)
             self._discard(oldest)
         host_blocks = [host.free.pop() for _ in table]
-        host.mover.save(list(table), host_blocks)
+        try:
+            host.mover.save(list(table), host_blocks)
+        except Exception:  # the session is dropped instead (rebuilt from the next resent history)
+            logger.exception("copying session %s to host memory failed", session.session_id)
+            host.free += host_blocks
+            return False
         session.host_blocks = host_blocks
         session.detached = self.block_manager.detach(session.blocks_key)
         self.num_swapped_out += 1
@@ -211,16 +218,23 @@ class SessionStore:
         table = self.block_manager.attach(session.blocks_key, session.detached)
         if table is None:
             return False
-        self.host.mover.load(session.host_blocks, table)
-        self.host.free += session.host_blocks
-        session.host_blocks = session.detached = None
+        try:
+            self.host.mover.load(session.host_blocks, table)
+        except Exception:  # the request starts afresh
+            logger.exception("copying session %s back from host memory failed", session.session_id)
+            self.block_manager.free(session.blocks_key)
+            return False
+        self._release_host_blocks(session)
         self.num_swapped_in += 1
         return True
+
+    def _release_host_blocks(self, session: Session) -> None:
+        self.host.free += session.host_blocks
+        session.host_blocks = session.detached = None
 
     def _discard(self, session: Session) -> None:
         """Free whatever holds a session's K/V: its device blocks or its host blocks."""
         if session.host_blocks is not None:
-            self.host.free += session.host_blocks
-            session.host_blocks = session.detached = None
+            self._release_host_blocks(session)
         else:
             self.block_manager.free(session.blocks_key)

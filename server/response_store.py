@@ -96,6 +96,10 @@ class ResponseStore:
     max_chain_tokens: int = DEFAULT_MAX_CHAIN_TOKENS
     clock: Callable[[], float] = time.monotonic
     _kept: OrderedDict[str, StoredResponse] = field(default_factory=OrderedDict)  # least recently used first
+    # The same ids per API key (None: no keys), least recently used first: when the store is
+    # full, the key holding the most responses gives up its oldest, so that one key's flood
+    # cannot push out the others' chains.
+    _by_tenant: dict[str | None, OrderedDict[str, None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     num_bytes: int = 0  # of every response alive (kept, or needed by a kept one)
     num_alive: int = 0
@@ -113,6 +117,7 @@ class ResponseStore:
                 return None, ended
             node.last_used = self.clock()
             self._kept.move_to_end(response_id)
+            self._by_tenant[tenant].move_to_end(response_id)
             return node, ended
 
     def add(self, node: StoredResponse) -> list[str]:
@@ -125,11 +130,16 @@ class ResponseStore:
             node.refs = 0
             self._ref(node)
             self._kept[node.id] = node
+            self._by_tenant.setdefault(node.tenant, OrderedDict())[node.id] = None
             node.chain.num_kept += 1
             node.chain.head_id = node.id
             ended = self._expire()
             while len(self._kept) > 1 and (len(self._kept) > self.max_responses or self.num_bytes > self.max_bytes):
-                _, oldest = self._kept.popitem(last=False)
+                victim = next(iter(max(self._by_tenant.values(), key=len)))
+                if victim == node.id:  # its key's only one: never the response just added
+                    victim = next(iter(self._kept))
+                oldest = self._kept[victim]
+                self._remove(oldest)
                 ended += self._forget(oldest)
             return ended
 
@@ -141,7 +151,7 @@ class ResponseStore:
             node = self._kept.get(response_id)
             if node is None or node.tenant != tenant:
                 return False, ended
-            del self._kept[response_id]
+            self._remove(node)
             ended += self._forget(node)
             chain = node.chain
             if chain.head_id == response_id and chain.session_id is not None and chain.session_id not in ended:
@@ -161,9 +171,17 @@ class ResponseStore:
             oldest = next(iter(self._kept.values()))
             if now - oldest.last_used <= self.ttl:
                 break
-            del self._kept[oldest.id]
+            self._remove(oldest)
             ended += self._forget(oldest)
         return ended
+
+    def _remove(self, node: StoredResponse) -> None:
+        """Take a response out of the index (by id, and by its tenant)."""
+        del self._kept[node.id]
+        ids = self._by_tenant[node.tenant]
+        del ids[node.id]
+        if not ids:
+            del self._by_tenant[node.tenant]
 
     def _forget(self, node: StoredResponse) -> list[str]:
         """A response just left the index: drop its reference, free what nobody needs."""

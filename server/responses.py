@@ -336,8 +336,12 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
     sequence = itertools.count()
     message_id = turn.message_id
     started = _response_object(state, turn, "in_progress", output=[])
-    yield _event("response.created", next(sequence), response=started)
-    yield _event("response.in_progress", next(sequence), response=started)
+    created, in_progress = next(sequence), next(sequence)
+    # The response object repeats the instructions (as long as the body allowed): off the loop.
+    opening = await run_in_threadpool(lambda: (_event("response.created", created, response=started),
+                                               _event("response.in_progress", in_progress, response=started)))
+    for event in opening:
+        yield event
     yield _event("response.output_item.added", next(sequence), output_index=0,
                  item=_message_item(message_id, "in_progress", None))
     yield _event("response.content_part.added", next(sequence), item_id=message_id, output_index=0, content_index=0,

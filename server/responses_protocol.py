@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
+from model.tokenizer import replace_lone_surrogates
 from server.protocol import FastList, StrictModel, refuse
 
 MAX_INPUT_ITEMS = 2048  # messages in one request's input
@@ -147,6 +148,26 @@ class ResponseRequest(StrictModel):
                 if isinstance(item, dict):
                     _check_parts(item.get("content"))
         return value
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        """The text this API sends back (instructions, metadata, input items) must encode as
+        UTF-8: a lone surrogate becomes U+FFFD, as it does in the prompt."""
+        clean = replace_lone_surrogates
+        if self.instructions is not None:
+            self.instructions = clean(self.instructions)
+        if self.metadata:
+            self.metadata = {clean(key): clean(value) for key, value in self.metadata.items()}
+        if isinstance(self.input, str):
+            self.input = clean(self.input)
+            return self
+        for message in self.input:
+            if isinstance(message.content, str):
+                message.content = clean(message.content)
+            else:
+                for part in message.content:
+                    part.text = clean(part.text)
+        return self
 
     @field_validator("metadata")
     @classmethod

@@ -59,6 +59,7 @@ def compute(bm: BlockManager, kv: FakeKV, seq_id: str, token_ids, num_computed: 
     copies = bm.allocate_slots(seq_id, num_computed, num_new)
     assert copies is not None, "the pool should have room here"
     kv.copy(copies)
+    bm.release_copy_sources()  # the step has run its copies
     kv.write(seq_id, token_ids, num_computed, num_computed + num_new)
     if commit:
         bm.commit(seq_id, token_ids, num_computed + num_new)
@@ -132,6 +133,7 @@ class Workload:
             (src, dst), = copies
             assert src == table_before[first] and dst == table[first] and dst in new_blocks
         self.kv.copy(copies)
+        bm.release_copy_sources()
         self.kv.write(seq_id, token_ids, num_computed, num_computed + num_new)
         self.num_computed[seq_id] = num_computed + num_new
         if self.rng.random() < 0.7:  # some blocks stay written but not yet offered to the cache
@@ -393,6 +395,24 @@ def test_fork_copies_the_shared_partial_block_on_first_write():
     assert compute(bm, kv, "a", a_tokens + [3], 7, 1) == []  # a's own block: no copy
     assert kv.read("a", 8) == a_tokens + [3] and kv.read("b", 7) == b_tokens
     check_invariants(bm, ["a", "b"])
+
+
+def test_a_copy_source_is_held_until_the_step_has_copied_it():
+    """Between scheduling and the step, a copy-on-write source that its other owner frees is
+    not handed out again (a session copied back from host memory would overwrite it)."""
+    bm = BlockManager(3, BS)
+    bm.start("a", tokens(6))
+    bm.allocate_slots("a", 0, 6)
+    bm.fork("a", "b")
+    partial = bm.block_table("a")[1]
+    (src, dst), = bm.allocate_slots("a", 6, 1)
+    assert src == partial
+    bm.free("b")  # the source's last owner goes before the copy has run
+    assert bm.ref_count(partial) == 0 and bm.num_free_blocks == 0
+    assert bm.allocate_slots("a", 7, 2) is None  # the source is not free yet
+    bm.release_copy_sources()
+    assert bm.ref_count(partial) == 0 and bm.num_free_blocks == 1
+    check_invariants(bm, ["a"])
 
 
 def test_fork_at_a_block_boundary_needs_no_copy():

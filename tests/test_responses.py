@@ -380,6 +380,17 @@ def test_the_store_forgets_least_recently_used_and_idle_responses_and_ends_their
     assert len(store) == 0 and store.num_bytes == 0 and store.num_alive == 0
 
 
+def test_one_key_flooding_the_store_forgets_its_own_responses_first():
+    store = ResponseStore(max_responses=4)
+    mine = _node(store, "mine", tenant="quiet")
+    store.add(mine)
+    for i in range(20):
+        store.add(_node(store, f"flood-{i}", tenant="loud"))
+    assert store.get("mine", "quiet")[0] is mine and len(store) == 4
+    assert [store.get(f"flood-{i}", "loud")[0] is not None for i in range(17, 20)] == [True] * 3
+    assert store.get("flood-16", "loud")[0] is None
+
+
 def test_the_store_keeps_a_forgotten_responses_history_for_the_responses_that_continue_it():
     store = ResponseStore(max_responses=10, max_bytes=10**9)
     a = _node(store, "a", text="x" * 10_000)

@@ -111,3 +111,15 @@ def test_sessions_in_host_memory_expire():
     assert engine.expire_sessions() == 0
     assert engine.scheduler.sessions.expire(time.monotonic() + engine.config.session_ttl + 1) == 1
     assert engine.stats().num_session_host_blocks_used == 0 and engine.num_sessions == 0
+
+
+def test_an_ended_session_back_from_host_memory_leaves_the_prefix_cache():
+    engine = _engine()
+    tokens, _, _ = _turn(engine, "turn-1", PROMPT, "chat")
+    _squeeze(engine)
+    _turn(engine, "turn-2", PROMPT + tokens + [40, 41], "chat")  # copied back into fresh blocks
+    assert engine.stats().num_sessions_swapped_in == 1
+    assert engine.end_session("chat")
+    bm = engine.block_manager
+    assert bm.start("probe", PROMPT + tokens + [40, 41]) == 0  # nobody can find its history
+    bm.free("probe")
