@@ -18,7 +18,8 @@ requests of all modes are sent at once, so the server batches them as it batches
   context, at least the cache's worth, so the oracle is if anything a little better off.
 
 Each run's logprobs go to `--out-dir` as soon as the run finishes, and runs already there are
-skipped, so an interrupted experiment resumes. Then it prints the tables, writes the plot of
+skipped, so an interrupted experiment resumes (the raw logprobs are not kept in the repository;
+the numbers are in `benchmarks/results/streaming_sinks.json`). Then it prints the tables, writes the plot of
 log-perplexity against position, and measures the attention mass per layer (transformers, eager
 attention, on the first 1,024 tokens): how much of each query's attention lands on token 0.
 
