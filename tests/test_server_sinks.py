@@ -110,8 +110,10 @@ def test_session_by_header_and_restart_on_mismatch(server):
     assert httpx.delete(f"{server.url}/v1/sessions/header-session").status_code == 200
 
 
-def test_idle_sessions_expire_and_give_way_under_pressure():
-    with ServerProcess(*WINDOWED[:-2], "--num-kv-blocks", "16", "--session-ttl", "2") as server:
+@pytest.mark.parametrize("session_memory", ["0", "1"])
+def test_idle_sessions_expire_and_give_way_under_pressure(session_memory):
+    with ServerProcess(*WINDOWED[:-2], "--num-kv-blocks", "16", "--session-ttl", "2",
+                       "--session-memory", session_memory) as server:
         for i in range(3):
             body = {"prompt": f"Session {i} story", "max_tokens": 40, "ignore_eos": True, "session_id": f"s{i}"}
             assert _post(server, "/v1/completions", body).status_code == 200
@@ -122,10 +124,16 @@ def test_idle_sessions_expire_and_give_way_under_pressure():
         big = _post(server, "/v1/completions", {"prompt": [1] + [7] * 60, "max_tokens": 60, "ignore_eos": True,
                                                 "attention_window": 0})
         assert big.status_code == 200
-        assert server.metric("sinkserve_sessions_active") < 3
+        if session_memory == "0":  # dropped
+            assert server.metric("sinkserve_sessions_active") < 3
+        else:  # moved to host memory
+            assert server.metric("sinkserve_sessions_active") == 3
+            assert server.metric("sinkserve_sessions_in_host_memory") >= 1
+            assert server.metric("sinkserve_sessions_swapped_out_total") >= 1
         assert server.metric("sinkserve_preemptions_total") == 0
         deadline = time.monotonic() + 10
         while server.metric("sinkserve_sessions_active") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert server.metric("sinkserve_sessions_active") == 0
         assert server.metric("sinkserve_kv_blocks_used") == 0
+        assert server.metric("sinkserve_session_host_blocks_used") == 0
