@@ -10,7 +10,8 @@
 #   3. throughput: 256 requests, 512 in / 256 out, engine against transformers generate
 #      (static batches of 256, sdpa), same weights
 #   4. long context: decode tokens/s at 1k, 8k, 32k tokens, dense against 4 sinks + 1020 window
-# Wheels of packages the machine lacks can be put in .whl/ (installed to /tmp/site first).
+# Wheels of packages the machine lacks (llguidance, which the engine imports; fastapi, uvicorn...)
+# can be put in .whl/ (installed to /tmp/site first): pip download --no-deps llguidance -d .whl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_suite_out}

@@ -9,7 +9,7 @@ import torch
 from model.attention import AttentionMetadata
 from model.cuda_graphs import DecodeGraphs
 from model.llama import LlamaForCausalLM
-from model.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs
+from model.sampler import Sampler, SamplerOutput, SamplingRow, TokenMasks, compute_logprobs
 from model.sampling_params import SamplingParams
 
 PROBE_TOKENS = 3  # the probe's 2-token prefill, then its 1-token decode
@@ -39,6 +39,9 @@ class ModelInput:
     sample_seq_indices: list[int]  # per sampling row, the sequence whose last token it samples from
     sampling_rows: list[SamplingRow]
     banned_token_ids: list[list[int]] = field(default_factory=list)  # per sampling row (min_tokens)
+    # The grammar masks of the constrained sampling rows, being filled while the forward runs
+    # (scheduler/structured_output.py); None: no row has a grammar.
+    token_masks: TokenMasks | None = None
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
     sink_lens: list[int] | None = None  # per sequence, for StreamingLLM eviction (attention.py)
@@ -114,7 +117,7 @@ class ModelRunner:
         if banned:
             index = torch.tensor(banned, device=self.device)
             logits[index[:, 0], index[:, 1]] = float("-inf")
-        return ModelOutput(self.sampler(logits, inp.sampling_rows), prompt_logprobs)
+        return ModelOutput(self.sampler(logits, inp.sampling_rows, inp.token_masks), prompt_logprobs)
 
     def probe(self, token_id: int) -> None:
         """Run a 2-token prefill of `token_id`, then a 1-token decode, on the scratch blocks: the

@@ -1,7 +1,7 @@
 """Batched token sampling for one engine step: penalties, temperature, top-k/top-p/min-p, logprobs.
 
 Semantics follow vLLM and the OpenAI API:
-- Order: logit_bias -> penalties -> temperature -> top-k -> top-p -> min-p -> sample. The bias
+- Order: logit_bias -> penalties -> grammar mask -> temperature -> top-k -> top-p -> min-p -> sample. The bias
   applies to greedy rows too (a bias of -100 bans a token at any temperature).
 - repetition_penalty (vLLM/CTRL): tokens seen in the prompt or the output have positive logits
   divided by it and negative logits multiplied by it. frequency_penalty and presence_penalty
@@ -15,14 +15,17 @@ Semantics follow vLLM and the OpenAI API:
   draw from probs. A seeded row draws its q from its own generator, so its tokens depend only on
   its seed, its logits and the device, not on the rest of the batch.
 - Logprobs are of the model's raw distribution (log_softmax before penalties and temperature,
-  vLLM's default). A rank is 1 + the number of tokens strictly more likely than the token.
+  vLLM's default), also for rows whose grammar masked tokens out. A rank is 1 + the number of
+  tokens strictly more likely than the token.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Protocol
 
 import torch
 
@@ -49,6 +52,13 @@ class SamplingRow:
         return self.params.greedy
 
 
+class TokenMasks(Protocol):
+    """The grammar bitmasks of a step's constrained rows (scheduler/structured_output.py)."""
+
+    def wait(self) -> tuple[list[int], torch.Tensor]:
+        """The constrained rows and their bitmask [rows, ceil(V / 32)] int32, once filled."""
+
+
 @dataclass
 class SamplerOutput:
     """The sampled token of each row and, when any row asked for logprobs, their logprobs.
@@ -67,14 +77,18 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row of a step's logits [N, V], all rows in one batch."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 token_masks: TokenMasks | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"expected logits [{len(rows)}, vocab], got {list(logits.shape)}")
         for row in rows:
             if (row.generator is None) != (row.params.seed is None):
                 raise ValueError("a row needs a generator exactly when its params have a seed")
         raw = logits.float()
-        token_ids = sample(apply_penalties(apply_logit_bias(raw, rows), rows), rows)
+        processed = apply_penalties(apply_logit_bias(raw, rows), rows)
+        if token_masks is not None:  # waits for the masks only now, after the forward pass
+            processed = apply_token_bitmask(processed, *token_masks.wait())
+        token_ids = sample(processed, rows)
         requested = [row.params.logprobs for row in rows if row.params.logprobs is not None]
         if not requested:
             return SamplerOutput(token_ids)
@@ -128,6 +142,34 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         raise ValueError(f"logit_bias token ids must be in [0, {logits.shape[-1]})")
     index = (_to_device(row_ids, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device))
     return logits.index_put(index, _to_device(biases, logits.dtype, logits.device), accumulate=True)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """New logits with the tokens a row's grammar does not allow at -inf (the input is left as
+    it was, for logprobs).
+
+    logits [N, V]; rows: the constrained rows, ascending; bitmask [len(rows), ceil(V' / 32)]
+    int32 from the CPU, V' >= V (bit t of a row's word t // 32 allows token t). Each byte of the
+    mask becomes 8 additive biases (0 or -inf) through a 256-entry table: one gather and one add,
+    some 5x faster on a CPU than unpacking bits into a boolean mask for `where`."""
+    vocab_size = logits.shape[-1]
+    device = logits.device
+    mask_bytes = bitmask.view(torch.uint8).flatten()  # little-endian: byte j holds tokens 8j..8j+7
+    if device.type == "cuda":
+        mask_bytes = mask_bytes.pin_memory()
+    mask_bytes = mask_bytes.to(device, non_blocking=True).int()  # [R * W * 4]
+    bias = _bit_biases(device).index_select(0, mask_bytes)  # [R * W * 4, 8]
+    bias = bias.view(len(rows), -1)[:, :vocab_size]  # [R, W * 32] -> [R, V]
+    if len(rows) == logits.shape[0]:  # every row constrained: rows is 0..N-1
+        return logits + bias
+    return logits.index_add(0, torch.tensor(rows, dtype=torch.int64, device=device), bias)
+
+
+@functools.cache
+def _bit_biases(device: torch.device) -> torch.Tensor:
+    # [256, 8] float32: entry (b, k) is 0 when bit k of byte b is set, else -inf.
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
+    return torch.where(bits.bool(), 0.0, float("-inf")).to(device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

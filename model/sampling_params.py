@@ -52,6 +52,8 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias; a dict is
     # accepted and stored sorted, so the params stay hashable)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # An llguidance grammar the output must follow (scheduler/structured_output.py); None: free.
+    grammar: str | None = None
 
     def __post_init__(self):
         # Lists are accepted for convenience and stored as tuples so the params stay hashable.

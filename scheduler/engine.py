@@ -45,6 +45,7 @@ from scheduler.request import FinishReason, Request
 from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from scheduler.sessions import HostTier
 from scheduler.sink_policy import SinkPolicy
+from scheduler.structured_output import StructuredOutput
 
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Engine:
         self.stop_token_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in tokenizer_stops
                                                                                if i is not None)))
         self.output_processor = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len)
+        self.structured_output = StructuredOutput(self.tokenizer, model_cfg.vocab_size, self.stop_token_ids)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
@@ -187,6 +189,8 @@ class Engine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         policy = self.sink_policy(attention_sinks, attention_window)
         self.check_prompt(token_ids, params, policy)
+        if params.grammar is not None:
+            self.structured_output.add(request_id, params.grammar)  # GrammarError: a ValueError
         request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id,
                           cache_salt=cache_salt)
         self._groups[request_id] = [request]
@@ -286,10 +290,14 @@ class Engine:
         for child in batch.forked:
             self._groups[child.group_id].append(child)
             self.output_processor.add(child)
+            self.structured_output.fork(child.group_id, child.request_id)
+        model_input = None
         try:
             model_input = self._model_input(batch)
             output = self.runner.execute(model_input)
         except Exception:
+            if model_input is not None and model_input.token_masks is not None:
+                model_input.token_masks.wait()  # the matchers are not to be touched while it runs
             logger.exception("a step of %d requests failed: %s", len(batch.requests),
                              ", ".join(dict.fromkeys(r.group_id for r in batch.requests)))
             return expired + self._isolate(batch)
@@ -403,6 +411,7 @@ class Engine:
             token_ids=token_ids, query_lens=list(batch.num_new_tokens), context_lens=context_lens,
             block_tables=tables, sample_seq_indices=[row for _, row in batch.samplers], sampling_rows=rows,
             banned_token_ids=[self.output_processor.banned_token_ids(r) for r, _ in batch.samplers],
+            token_masks=self.structured_output.start_masks([r.request_id for r, _ in batch.samplers]),
             blocks_to_copy=batch.blocks_to_copy, prompt_logprobs=prompt_lps,
             sink_lens=sink_lens, sink_gaps=sink_gaps, num_evicted=num_evicted,
         )
@@ -440,7 +449,8 @@ class Engine:
                 if wanted is not None and logprobs is not None:
                     lp, rank, top_ids, top_lps = logprobs[row]
                     entry = TokenLogprob(token_id, lp, rank, list(zip(top_ids[:wanted], top_lps[:wanted])))
-                out = self.output_processor.process_token(request, token_id, entry)
+                grammar_complete = self.structured_output.accept(request.request_id, token_id)
+                out = self.output_processor.process_token(request, token_id, entry, grammar_complete)
             except Exception:  # this request's text or stop check failed: it alone ends
                 outputs += self._fail(request.group_id)
                 continue
@@ -457,6 +467,7 @@ class Engine:
 
     def _forget(self, request: Request) -> None:
         self.output_processor.remove(request)
+        self.structured_output.remove(request.request_id)
         self._generators.pop(request.request_id, None)
 
     # -- offline API -------------------------------------------------------------------------

@@ -93,10 +93,13 @@ class OutputProcessor:
             return self._states[request.parent_id].prompt_logprobs
         return state.prompt_logprobs
 
-    def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None,
+                      grammar_complete: bool = False) -> RequestOutput:
         """Append a sampled token to the request, decide whether it finishes, and say what changed.
 
-        A finishing request is marked finished here; the caller frees its blocks.
+        `grammar_complete`: the token completed the request's grammar, so it stops here (the
+        token is part of the output). A finishing request is marked finished here; the caller
+        frees its blocks.
         """
         params = request.params
         state = self._states[request.request_id]
@@ -110,6 +113,8 @@ class OutputProcessor:
         request.append_token(token_id)
         finish, stop_reason = self._check_token(request, token_id)
         hide_token = finish is FinishReason.STOP and not params.include_stop_str_in_output
+        if grammar_complete and finish is not FinishReason.STOP:
+            finish, stop_reason = FinishReason.STOP, None
         delta = state.detokenizer.push([] if hide_token else [token_id])
         state.held += delta
         text = ""

@@ -27,6 +27,7 @@ from scheduler.engine_config import EngineConfig
 from server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from server.async_engine import AsyncEngine
 from server.chat_template import ChatTemplate, ChatTemplateError
+from server.tool_parsers import TOOL_PARSERS
 from server.connections import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KEEP_ALIVE_TIMEOUT,
                                 MAX_REQUEST_HEAD_BYTES, ConnectionGuard, connection_limits, http_protocol,
                                 quiet_repeated_logs)
@@ -107,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="/v1/responses: GiB of memory for stored responses' text at most (an estimate)")
     p.add_argument("--max-chain-tokens", type=positive(int), default=DEFAULT_MAX_CHAIN_TOKENS,
                    help="/v1/responses: tokens a response chain's conversation may have at most (400 past it)")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", *TOOL_PARSERS],
+                   help="how replies are read for tool calls (default: the format the chat template teaches)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="paged attention implementation (default: auto, triton kernels on CUDA)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -208,7 +211,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         metrics=Metrics(async_engine.stats, name), model_name=name, max_model_len=engine.max_model_len,
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
-        shared_prefix_cache=args.shared_prefix_cache,
+        shared_prefix_cache=args.shared_prefix_cache, tool_call_parser=args.tool_call_parser,
         response_store=ResponseStore(args.max_stored_responses, args.response_ttl,
                                      int(args.response_store_memory * 2**30), args.max_chain_tokens),
     )

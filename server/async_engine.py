@@ -133,6 +133,10 @@ class AsyncEngine:
         """Engine.check_prompt: ValueError (PromptTooLongError) if the request cannot be served."""
         self.engine.check_prompt(token_ids, params, policy)
 
+    def compile_grammar(self, grammar: str) -> None:
+        """StructuredOutput.compile, from a worker thread: GrammarError if it does not compile."""
+        self.engine.structured_output.compile(grammar)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD_NAME, daemon=True)

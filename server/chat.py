@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -17,18 +18,20 @@ from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop
                             check_logprob_volume, check_prompt, check_stream_options, engine_options, guarded,
                             json_response, openai_finish, output_budget, prompt_logprobs_list, run_prompts,
                             sampling_params, sse, until_disconnected, usage)
+from server.structured_outputs import output_grammar
+from server.tools import ToolCallStream, parses_calls, reply_message, template_message, template_tools, tool_grammar
 
 
 async def chat_prompt(state: ServerState, body, windowed: bool = True) -> list[int]:
-    """The rendered and tokenized messages (in a worker thread)."""
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
+    """The rendered and tokenized messages and tools (in a worker thread)."""
 
     def render() -> list[int]:
+        messages = [template_message(m) for m in body.messages]
         for message in messages:
             state.check_text_length(message["content"], windowed, "messages")
+        tools = template_tools(body) if isinstance(body, ChatCompletionRequest) else None
         try:
-            return state.chat_template.encode(messages, body.add_generation_prompt)
+            return state.chat_template.encode(messages, body.add_generation_prompt, tools)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
@@ -51,6 +54,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_capacity(body.n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
+    forced_calls = lambda: tool_grammar(state.tool_parser, body)  # noqa: E731
+    params = replace(params, grammar=await output_grammar(state, body, forced_calls))
     prompt = await chat_prompt(state, body, windowed)
     await run_in_threadpool(check_prompt, state, prompt, params, options, "messages")
     check_logprob_volume(state, params, [len(prompt)])
@@ -82,12 +87,15 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
             completion_tokens += out.num_output_tokens
             cached = out.num_cached_tokens if out.index == 0 else cached
 
+    def choice(i: int) -> dict:
+        message, called = reply_message(state.tool_parser, body, texts[i])
+        return {"index": i, "message": message,
+                "logprobs": chat_logprobs(state.tokenizer, entries[i]) if body.logprobs else None,
+                "finish_reason": "tool_calls" if called and finish[i] == "stop" else finish[i],
+                "stop_reason": stop_reasons[i]}
+
     def response() -> dict:
-        choices = [{
-            "index": i, "message": {"role": "assistant", "content": texts[i]},
-            "logprobs": chat_logprobs(state.tokenizer, entries[i]) if body.logprobs else None,
-            "finish_reason": finish[i], "stop_reason": stop_reasons[i],
-        } for i in range(n)]
+        choices = [choice(i) for i in range(n)]
         result = {**job.header, "object": "chat.completion", "choices": choices,
                   "usage": usage(len(job.prompts[0]), completion_tokens, cached)}
         if body.prompt_logprobs is not None:
@@ -111,6 +119,8 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
             choice["stop_reason"] = stop_reason
         return sse({**chunk, "choices": [choice], **extra})
 
+    calls = [ToolCallStream(state.tool_parser, body.parallel_tool_calls) if parses_calls(body) else None
+             for _ in range(job.params.n)]
     for index in range(job.params.n):
         yield event(index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
@@ -119,12 +129,27 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
         if continuous_usage:
             extra = {"usage": counter.usage()}
         logprobs = chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs and out.logprobs else None
+        text, tool_calls = out.text, []
+        stream = calls[out.index]
+        if stream is not None:
+            text, tool_calls = stream.push(out.text)
+            if out.finished:
+                rest, more_calls = stream.finish()
+                text, tool_calls = text + rest, tool_calls + more_calls
+        if tool_calls:
+            yield event(out.index, {"content": text} if text else {"tool_calls": tool_calls}, logprobs)
+            if text:
+                yield event(out.index, {"tool_calls": tool_calls})
+            text, logprobs = "", None
         if out.finished:
             completion_tokens += out.num_output_tokens
             cached = out.num_cached_tokens if out.index == 0 else cached
-            yield event(out.index, {"content": out.text}, logprobs, *openai_finish(out))
-        elif out.text or logprobs:
-            yield event(out.index, {"content": out.text}, logprobs)
+            finish_reason, stop_reason = openai_finish(out)
+            if stream is not None and stream.called and finish_reason == "stop":
+                finish_reason = "tool_calls"
+            yield event(out.index, {"content": text}, logprobs, finish_reason, stop_reason)
+        elif text or logprobs:
+            yield event(out.index, {"content": text}, logprobs)
     if include_usage:
         yield sse({**chunk, "choices": [], "usage": usage(len(job.prompts[0]), completion_tokens, cached)})
     yield SSE_DONE

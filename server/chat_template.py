@@ -10,14 +10,21 @@ result (`<s>`, `<|im_start|>`) becomes the special token ids.
 
 A model without a template (the bundled stories260K has none) gets the plain fallback: BOS, then
 each message as `<role>: <content>` on its own line, then `assistant:` when a reply is wanted.
+
+Tools: `tools` is passed to the template as transformers passes it, and messages keep their
+`tool_calls` (arguments as a dict) and `tool_call_id`. A ChatML template that ignores tools
+(SmolLM2's) is replaced, for conversations with tools, by chat_templates/chatml_tools.jinja,
+which teaches SmolLM2's `<tool_call>[...]</tool_call>` format; the fallback template renders
+tools in the same format.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 
-from jinja2 import TemplateError, nodes
+from jinja2 import TemplateError, meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -25,9 +32,17 @@ from model.tokenizer import Tokenizer
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if tools %}system: You can call these tools: {{ tools | tojson }}. To call tools, reply with only "
+    "<tool_call>[{\"name\": \"tool name\", \"arguments\": {\"argument\": \"value\"}}]</tool_call>\n{% endif %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message.get('tool_calls') %}<tool_call>["
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}, {% endif %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}{% endfor %}"
+    "]</tool_call>{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# For a ChatML template that does not render tools (SmolLM2's): ChatML with SmolLM2's tool format.
+CHATML_TOOLS_TEMPLATE = (Path(__file__).parent / "chat_templates" / "chatml_tools.jinja").read_text(encoding="utf-8")
 
 
 class ChatTemplateError(ValueError):
@@ -70,20 +85,43 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         try:
             self.template = env.from_string(self.source)
+            self.renders_tools = "tools" in meta.find_undeclared_variables(env.parse(self.source))
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from None
+        # A template that ignores tools gets sinkserve's own when a conversation has tools.
+        self.tool_template = self.template
+        if not self.renders_tools and "<|im_start|>" in self.source:
+            self.tool_template = env.from_string(CHATML_TOOLS_TEMPLATE)
         self.special_tokens = {"bos_token": "", "eos_token": "", **tokenizer.special_token_texts()}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def tool_format(self) -> str:
+        """The tool-call format the rendered prompts teach (a server/tool_parsers.py name)."""
+        if self.tool_template is not self.template or self.source == FALLBACK_TEMPLATE:
+            return "smollm2"
+        if "<|python_tag|>" in self.source or "<|start_header_id|>" in self.source:
+            return "llama3_json"
+        if "<tool_call>" in self.source:
+            return "hermes"
+        return "smollm2"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """The conversation as text; `tools` (OpenAI tool definitions) are passed to the template
+        as `tools`, and a conversation with tools, tool calls or tool results is rendered by the
+        tool template when the model's own template ignores tools."""
+        with_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        template = self.tool_template if with_tools else self.template
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   tools=tools or None, **self.special_tokens)
         except ChatTemplateError:
             raise
         except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
             # What a template does with the request's messages is the request's problem: a 400.
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered conversation; special-token text becomes its id."""
-        return self.tokenizer.encode_with_special_tokens(self.render(messages, add_generation_prompt))
+        return self.tokenizer.encode_with_special_tokens(self.render(messages, add_generation_prompt, tools))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -18,6 +18,7 @@ from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop
                             check_prompt, check_stream_options, completion_logprobs, engine_options, guarded,
                             json_response, openai_finish, output_budget, prompt_logprobs_list, with_top,
                             run_prompts, sampling_params, sse, until_disconnected, usage)
+from server.structured_outputs import output_grammar
 
 
 @dataclass
@@ -72,6 +73,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         raise APIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) cannot be combined with a "
                             "session: the session's cached tokens are not scored again", param="echo")
     params = sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
+    params = replace(params, grammar=await output_grammar(state, body))
 
     def prepare() -> tuple[list[list[int]], list[str]]:
         prompts, texts = _prompts(state, body.prompt, windowed)

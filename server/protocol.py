@@ -2,7 +2,7 @@
 
 The API never pretends: a field the server does not know is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"), and a known field the server does not implement is
-accepted only at a value that asks for nothing (`tools: null`, `store: false`,
+accepted only at a value that asks for nothing (`functions: null`, `store: false`,
 `use_beam_search: false`, `best_of` equal to `n`, ...), else a 400 naming it. `null` stands for
 the default wherever a field has one. Ranges that pydantic can check are declared here; the
 rest is checked by SamplingParams, and both become 400 errors naming the parameter.
@@ -62,6 +62,49 @@ def refuse(value: Any, allowed: Any, why: str) -> Any:
     return value
 
 
+MAX_TOOLS = 128  # as OpenAI allows
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class JSONSchemaFormat(StrictModel):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME_PATTERN)] = "response"
+    description: StrictStr | None = None
+    # "schema" shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | StrictBool = Field(default=True, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's structured_outputs extension: exactly one of its constraints."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")  # a schema (or its text)
+    regex: StrictStr | None = None
+    choice: FastList(StrictStr, min_length=1) | None = None
+    grammar: StrictStr | None = None  # Lark, or GBNF (llama.cpp's)
+    json_object: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json_", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
 class StreamOptions(StrictModel):
     include_usage: StrictBool = False
     # vLLM's extension: the usage so far in every chunk.
@@ -91,7 +134,8 @@ class SamplingFields(StrictModel):
     store: StrictBool | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
     service_tier: StrictStr | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # vLLM extensions
     top_k: StrictInt | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -154,11 +198,6 @@ class SamplingFields(StrictModel):
             raise ValueError("service_tier must be auto or default")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, value):
-        return refuse(value, {"type": "text"}, 'response_format other than {"type": "text"} is not supported yet')
-
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value):
@@ -203,19 +242,30 @@ class TextPart(StrictModel):
     text: StrictStr
 
 
+class FunctionCall(StrictModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(StrictModel):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
-    # Accepted empty only: tool calls come with tool support.
-    tool_calls: list | None = None
-    tool_call_id: StrictStr | None = None
+    tool_calls: FastList(ToolCall, max_length=MAX_TOOLS) | None = None  # an assistant's calls
+    tool_call_id: StrictStr | None = None  # the call a tool message answers
 
     @model_validator(mode="after")
     def _content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        refuse(self.tool_calls or None, None, "tool_calls are not supported yet")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
         return self
 
     def text(self) -> str:
@@ -224,6 +274,27 @@ class ChatMessage(StrictModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(StrictModel):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME_PATTERN)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: StrictBool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: StrictStr
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -235,22 +306,39 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extension: logprobs of the rendered prompt's tokens
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
-    # Accepted at the value that asks for nothing: tools come in a later release.
-    tools: list | None = None
-    tool_choice: StrictStr | dict | None = None
-    parallel_tool_calls: StrictBool | None = None
+    tools: FastList(Tool, max_length=MAX_TOOLS) | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    # The deprecated spelling of tools: accepted at the value that asks for nothing.
     functions: list | None = None
     function_call: StrictStr | dict | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value, info):
-        return refuse(value or None, None, f"{info.field_name} are not supported yet")
+    def _no_functions(cls, value):
+        return refuse(value or None, None, "functions is deprecated and not supported: use tools")
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value, info):
-        return refuse(value, "none", f'{info.field_name} is not supported yet (only "none")')
+    def _no_function_call(cls, value):
+        return refuse(value, "none", "function_call is deprecated and not supported: use tool_choice")
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value):
+        if value and len({tool.function.name for tool in value}) != len(value):
+            raise ValueError("tools must have distinct names")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, value, info):
+        tools = info.data.get("tools")
+        if value not in (None, "none") and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not one of the tools")
+        return value
 
 
 class TokenizeRequest(StrictModel):

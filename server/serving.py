@@ -26,6 +26,7 @@ from scheduler.output_processor import RequestOutput, TokenLogprob
 from scheduler.stop_strings import automaton_for
 from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat_template import ChatTemplate
+from server.tool_parsers import ToolParser, tool_parser
 from server.errors import APIError, sse_error
 from server.metrics import Metrics
 from server.middleware import request_tenant
@@ -66,6 +67,14 @@ class ServerState:
     # The Responses API's stored responses and their bounds (server/response_store.py;
     # --max-stored-responses, --response-ttl, --response-store-memory, --max-chain-tokens).
     response_store: ResponseStore = field(default_factory=ResponseStore)
+    # How model replies are read for tool calls (server/tool_parsers.py; "auto": the format the
+    # chat template teaches).
+    tool_call_parser: str = "auto"
+
+    @functools.cached_property
+    def tool_parser(self) -> ToolParser:
+        name = self.chat_template.tool_format if self.tool_call_parser == "auto" else self.tool_call_parser
+        return tool_parser(name)
 
     def check_capacity(self, num_sequences: int = 1) -> None:
         """A fast 503 with Retry-After when the waiting queue cannot take the request's sequences

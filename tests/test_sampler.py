@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from model.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs
+from model.sampler import Sampler, SamplingRow, apply_penalties, apply_token_bitmask, compute_logprobs
 from model.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -241,3 +241,45 @@ def test_cuda_matches_cpu_reference_and_stays_on_device():
     again = Sampler()(logits[:1].cuda(), [SamplingRow(seeded[0].params, torch.Generator("cuda").manual_seed(5))])
     assert first.token_ids.is_cuda and first.top_logprobs.is_cuda
     assert torch.equal(first.token_ids, again.token_ids)
+
+
+class _Masks:
+    def __init__(self, rows, bitmask):
+        self.rows, self.bitmask = rows, bitmask
+
+    def wait(self):
+        return self.rows, self.bitmask
+
+
+def _bitmask(allowed: list[set[int]], vocab_size: int) -> torch.Tensor:
+    words = torch.zeros(len(allowed), -(-vocab_size // 32), dtype=torch.int64)
+    for row, tokens in enumerate(allowed):
+        for token in tokens:
+            words[row, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31: the sign bit
+
+
+def test_the_grammar_mask_limits_only_its_rows_and_logprobs_stay_raw():
+    torch.manual_seed(0)
+    vocab_size = 100  # not a multiple of 32: the last word's spare bits are ignored
+    logits = torch.randn(4, vocab_size)
+    allowed = [{3, 31, 63, 99}, {32}]  # bits 31 and 63 are the words' sign bits
+    masks = _Masks([1, 3], _bitmask(allowed, vocab_size))
+    masked = apply_token_bitmask(logits, masks.rows, masks.bitmask)
+    for row, tokens in zip([1, 3], allowed):
+        finite = set(torch.isfinite(masked[row]).nonzero().flatten().tolist())
+        assert finite == tokens
+    assert torch.equal(masked[[0, 2]], logits[[0, 2]])
+    every_row = [{0}, {5, 6}, set(range(vocab_size)), {98, 99}]  # all rows constrained: the plain add
+    masked = apply_token_bitmask(logits, [0, 1, 2, 3], _bitmask(every_row, vocab_size))
+    for row, tokens in enumerate(every_row):
+        assert set(torch.isfinite(masked[row]).nonzero().flatten().tolist()) == tokens
+        assert torch.equal(masked[row, sorted(tokens)], logits[row, sorted(tokens)])
+    rows = [SamplingRow(SamplingParams(temperature=0, logprobs=2)) for _ in range(3)]
+    rows.append(SamplingRow(SamplingParams(temperature=1.0, seed=5), torch.Generator().manual_seed(5)))
+    out = Sampler()(logits, rows, masks)
+    assert out.token_ids[1].item() == max(allowed[0], key=lambda t: logits[1, t].item())
+    assert out.token_ids[3].item() == 32
+    assert out.token_ids[0].item() == logits[0].argmax().item()
+    raw = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))

@@ -245,7 +245,7 @@ def test_the_session_header_is_checked_like_the_field(keyed):
 # -- never pretend -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("function_call", "auto"), ("web_search_options", {}), ("audio", {"format": "wav"}),
     ("tool_choice", "auto"), ("best_of", 2), ("use_beam_search", True), ("priority", 1), ("store", True),
     ("functions", [{"name": "f"}]), ("reasoning_effort", "high"), ("no_such_field", 1),
 ])

@@ -52,7 +52,7 @@ class TeacherForcedRun:
             self.used_blocks.append(engine.block_manager.num_used_blocks)
             return hidden
 
-        def teacher(logits, rows):
+        def teacher(logits, rows, token_masks=None):
             tokens = [self.streams[r.request_id][r.num_tokens] for r, _ in self._batch.samplers]
             return SamplerOutput(torch.tensor(tokens))
 
