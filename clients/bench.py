@@ -10,10 +10,12 @@ or detokenized to text for chat. --range-ratio R draws every input and output le
 from [L(1-R), L(1+R)]. Requests arrive as a Poisson process of --request-rate per second (inf:
 all at once), at most --max-concurrency in flight.
 
-Every request streams. A token event is a chunk with text, or the final chunk. TTFT is the time
-from sending to the first token event, ITL every gap between token events, TPOT
-(E2E - TTFT) / (output tokens - 1), E2E the time to [DONE]. Output (and prompt) tokens come from
-the usage that `stream_options.include_usage` adds; without it, from counting token events.
+Every request streams. TTFT is the time from sending a request to the first streamed event that
+carries generated text: the chat role-only chunk and other empty chunks do not count. A token
+event is a chunk with generated text, or the final chunk (its token may have no text, as EOS has
+none). Every metric is defined at the end of --help and in the --result-json file. Output (and
+prompt) tokens come from the usage that `stream_options.include_usage` adds; without it, from
+counting token events.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import importlib.util
 import json
 import math
 import random
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -34,12 +38,23 @@ from tqdm import tqdm
 
 from clients.client import DEFAULT_URL, APIError, AsyncClient
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 SAMPLE_TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play in the park with her big dog, "
     "Max. One day they found a shiny red ball under a tree. \"Look, Max!\" she said, and they laughed and "
     "ran until the moon came up. Then everyone went home to sleep, tired but happy."
 )
 METRICS = ("ttft", "tpot", "itl", "e2e")
+DEFINITIONS = {
+    "ttft": "time from sending the request to the first streamed event that carries generated text "
+            "(not the chat role-only chunk); for an output with no text at all, to the final chunk",
+    "tpot": "(E2E - TTFT) / (output tokens - 1)",
+    "itl": "every gap between token events (chunks with generated text, and the final chunk)",
+    "e2e": "time from sending the request to data: [DONE]",
+}
+SECRET_ARGS = ("api_key",)  # used, never written to the results
 NUM_ERRORS_SHOWN = 5
 
 
@@ -67,7 +82,9 @@ class RequestRecord:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m clients.bench", description=__doc__,
+    metrics = "\n".join(textwrap.fill(f"{name.upper()}: {text}", 100, initial_indent="  ", subsequent_indent="    ")
+                        for name, text in DEFINITIONS.items())
+    p = argparse.ArgumentParser(prog="python -m clients.bench", description=__doc__, epilog=f"metrics:\n{metrics}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--api-key", default=None)
@@ -147,7 +164,7 @@ async def send(client: AsyncClient, spec: RequestSpec, args: argparse.Namespace,
             usage = event.get("usage") or usage
             for choice in event.get("choices") or ():
                 text = choice.get("delta", {}).get("content") if args.endpoint == "chat" else choice.get("text")
-                if text or choice.get("finish_reason"):
+                if text or choice.get("finish_reason"):  # a token event: the first one is the TTFT
                     token_times.append(now)
                     break
     except Exception as exc:  # noqa: BLE001  (any failure is one failed request, not a crashed run)
@@ -248,30 +265,36 @@ def print_table(summary: dict) -> None:
         print(f"error: {error}")
 
 
-def plot(records: list[RequestRecord], summary: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(records: list[RequestRecord], summary: dict, path: str) -> Figure:
+    """Save a PNG of the latency distributions and of throughput over time; return the figure."""
+    from matplotlib.figure import Figure
 
     values = metric_values(records)
-    fig, axes = plt.subplot_mosaic([["ttft", "tpot", "itl"], ["e2e", "tput", "tput"]], figsize=(16, 9))
+    fig = Figure(figsize=(16, 9), layout="constrained")
+    axes = fig.subplot_mosaic([["ttft", "tpot", "itl"], ["e2e", "tput", "tput"]])
     fig.suptitle(f"{summary['completed']} requests ({summary['failed']} failed) in {summary['duration']:.1f} s: "
                  f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.0f} output tok/s")
+    legend = None
     for name in METRICS:
         ax, ms = axes[name], np.sort(np.asarray(values[name]) * 1000)
         ax.set_title(f"{name.upper()} (n={len(ms)})")
         ax.set_xlabel("ms")
         if not len(ms):
             continue
-        ax.hist(ms, bins=50, color="tab:blue", alpha=0.7)
+        # A few outliers would squeeze the rest into a sliver of the axis: draw values up to the p99.
+        p99 = summary[f"p99_{name}_ms"]
+        shown = ms[ms <= p99]
+        if beyond := len(ms) - len(shown):
+            ax.set_xlabel(f"ms (clipped at p99 = {p99:.2f} ms; {beyond} beyond)")
+        ax.hist(shown, bins=50, color="tab:blue", alpha=0.7)
         ax.set_ylabel("gaps" if name == "itl" else "requests", color="tab:blue")
         cdf = ax.twinx()
-        cdf.plot(ms, np.arange(1, len(ms) + 1) / len(ms), color="tab:red", drawstyle="steps-post")
+        cdf.plot(shown, np.arange(1, len(shown) + 1) / len(ms), color="tab:red", drawstyle="steps-post")
         cdf.set_ylim(0, 1.02)
         cdf.set_ylabel("CDF", color="tab:red")
         for stat, style in (("median", "--"), ("p99", ":")):
             ax.axvline(summary[f"{stat}_{name}_ms"], color="black", linestyle=style, label=stat)
-        ax.legend(loc="center right")
+        legend = ax.get_legend_handles_labels()
     # Output tokens per 1 s bin: each request's tokens spread evenly over its token events.
     times, weights = [], []
     for r in (r for r in records if r.success):
@@ -286,9 +309,10 @@ def plot(records: list[RequestRecord], summary: dict, path: str) -> None:
         ax.bar(edges[:-1], counts / widths, width=1.0, align="edge", color="tab:green", edgecolor="white")
     ax.set_xlabel("seconds since start (1 s bins)")
     ax.set_ylabel("tokens/s")
-    fig.tight_layout()
+    if legend:  # one legend for all the panels, above them, clear of the data
+        fig.legend(*legend, loc="outside upper right", ncols=2)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -300,10 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(records, duration)
     print_table(summary)
     if args.result_json:
-        config = {**vars(args), "model": model, "request_rate": args.request_rate if math.isfinite(args.request_rate)
-                  else "inf"}
+        config = {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+        config.update(model=model, request_rate=args.request_rate if math.isfinite(args.request_rate) else "inf")
         with open(args.result_json, "w") as f:
-            json.dump({"config": config, **summary, "requests": [asdict(r) for r in records]}, f, indent=1)
+            json.dump({"config": config, "definitions": DEFINITIONS, **summary,
+                       "requests": [asdict(r) for r in records]}, f, indent=1)
     if args.plot:
         plot(records, summary, args.plot)
     return summary

@@ -2,9 +2,10 @@
 
     python -m clients.chat --url http://127.0.0.1:8000 [--system "You are ..."] [--max-tokens 128]
 
-The whole conversation is resent every turn, as OpenAI clients do. Commands: /reset forgets the
-conversation (keeping the system prompt), /quit or end of input (Ctrl-D) leaves. Ctrl-C while a
-reply is streaming stops that reply only; what was shown of it stays in the history.
+The whole conversation is resent every turn, as OpenAI clients do. Commands: /help lists them,
+/reset forgets the conversation (keeping the system prompt), /quit or end of input (Ctrl-D) leaves;
+any other line that starts with "/" is an unknown command, never sent. Ctrl-C while a reply is
+streaming stops that reply only; what was shown of it stays in the history.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ except ImportError:
 
 USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
+COMMANDS = {"/help": "list the commands", "/reset": "forget the conversation, keeping the system prompt",
+            "/quit": "leave (as does Ctrl-D)"}
+BANNER = f"Commands: {', '.join(COMMANDS)}. Ctrl-C stops a reply."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,44 +68,56 @@ def stream_reply(client: Client, request: dict) -> tuple[str, str | None]:
     return "".join(parts), finish_reason
 
 
-def run(args: argparse.Namespace) -> int:
-    headers = {"X-Session-ID": args.session_id} if args.session_id else None
+def converse(client: Client, args: argparse.Namespace) -> int:
+    """The loop: read a line from input(), run a command or stream the reply; the exit status."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": args.model}
     options = {key: value for key, value in options.items() if value is not None}
+    print(BANNER)
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            print()
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/quit":
+            return 0
+        if command == "/help":
+            print("\n".join(f"{name:<8}{text}" for name, text in COMMANDS.items()))
+            continue
+        if command == "/reset":
+            history = list(system)
+            print("(conversation reset)")
+            continue
+        if command.startswith("/"):
+            print(f"unknown command {command.split()[0]}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply, finish_reason = stream_reply(client, {**options, "messages": history})
+        except (APIError, httpx.HTTPError) as exc:
+            history.pop()  # the turn did not happen; the user may retry or /reset
+            hint = " (try /reset)" if isinstance(exc, APIError) and exc.code == "context_length_exceeded" else ""
+            print(f"error: {exc}{hint}", file=sys.stderr)
+            continue
+        if finish_reason == "interrupted":
+            print("(reply stopped)")
+        elif finish_reason == "length":
+            print("(reply cut at the length limit)")
+        history.append({"role": "assistant", "content": reply})
+
+
+def run(args: argparse.Namespace) -> int:
+    headers = {"X-Session-ID": args.session_id} if args.session_id else None
     with Client(args.url, api_key=args.api_key, headers=headers) as client:
-        while True:
-            try:
-                line = input(USER_PROMPT)
-            except EOFError:
-                print()
-                return 0
-            except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
-                print()
-                continue
-            command = line.strip()
-            if not command:
-                continue
-            if command == "/quit":
-                return 0
-            if command == "/reset":
-                history = list(system)
-                print("(conversation reset)")
-                continue
-            history.append({"role": "user", "content": line})
-            try:
-                reply, finish_reason = stream_reply(client, {**options, "messages": history})
-            except (APIError, httpx.HTTPError) as exc:
-                history.pop()  # the turn did not happen; the user may retry or /reset
-                hint = " (try /reset)" if isinstance(exc, APIError) and exc.code == "context_length_exceeded" else ""
-                print(f"error: {exc}{hint}", file=sys.stderr)
-                continue
-            if finish_reason == "interrupted":
-                print("(reply stopped)")
-            elif finish_reason == "length":
-                print("(reply cut at the length limit)")
-            history.append({"role": "assistant", "content": reply})
+        return converse(client, args)
 
 
 def main(argv: list[str] | None = None) -> None:

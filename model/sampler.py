@@ -58,6 +58,9 @@ class TokenMasks(Protocol):
     def wait(self) -> tuple[list[int], torch.Tensor]:
         """The constrained rows and their bitmask [rows, ceil(V / 32)] int32, once filled."""
 
+    def settle(self) -> None:
+        """Wait for the fill to end, without raising (after a failed step)."""
+
 
 @dataclass
 class SamplerOutput:

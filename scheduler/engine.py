@@ -190,7 +190,7 @@ class Engine:
         policy = self.sink_policy(attention_sinks, attention_window)
         self.check_prompt(token_ids, params, policy)
         if params.grammar is not None:
-            self.structured_output.add(request_id, params.grammar)  # GrammarError: a ValueError
+            self.structured_output.add(request_id, params.grammar, cache_salt)  # GrammarError: a ValueError
         request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id,
                           cache_salt=cache_salt)
         self._groups[request_id] = [request]
@@ -297,7 +297,7 @@ class Engine:
             output = self.runner.execute(model_input)
         except Exception:
             if model_input is not None and model_input.token_masks is not None:
-                model_input.token_masks.wait()  # the matchers are not to be touched while it runs
+                model_input.token_masks.settle()  # the matchers are not to be touched while it runs
             logger.exception("a step of %d requests failed: %s", len(batch.requests),
                              ", ".join(dict.fromkeys(r.group_id for r in batch.requests)))
             return expired + self._isolate(batch)

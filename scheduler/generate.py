@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from model.sampling_params import SamplingParams
-from scheduler.engine import Engine
+from model.threads import THREADS_HELP, default_threads
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("prompt", nargs="?", default="Once upon a time")
     parser.add_argument("--model", default=None,
@@ -17,7 +16,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
+    return parser.parse_args(argv)
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU thread count: `threads`, or torch's own choice for 0 (the server's --threads too)."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+
+    from model.sampling_params import SamplingParams
+    from scheduler.engine import Engine
 
     engine = Engine(args.model, device="cpu", dtype="float32", max_num_seqs=1)  # a pool for one sequence
     params = SamplingParams(temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)

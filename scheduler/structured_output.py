@@ -28,6 +28,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ import torch
 from model.tokenizer import Tokenizer
 
 MAX_CACHED_GRAMMARS = 256
+# llguidance's defaults but a fifth of the lexer fuel: a grammar's first mask (its lexer built)
+# takes at most some 20 ms, a later one some 3 ms, before the grammar is refused.
+PARSER_LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=200_000, step_lexer_fuel=40_000)
 # A grammar's source (a JSON schema, a regex, a Lark grammar, choices) is at most this long.
 MAX_GRAMMAR_CHARS = 256 * 1024
 
@@ -52,7 +56,12 @@ class GrammarError(ValueError):
 
 
 def json_schema_grammar(schema: dict | bool) -> str:
-    """Output that is one JSON value valid against `schema` (`{"type": "object"}`: any object)."""
+    """Output that is one JSON value valid against `schema` (`{"type": "object"}`: any object;
+    `true`: any JSON value)."""
+    if schema is True:
+        schema = {}
+    if schema is False:
+        raise GrammarError("the schema false allows no value")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as exc:
@@ -86,6 +95,10 @@ class _Masks:
         self.done.result()
         return self.rows, self.bitmask
 
+    def settle(self) -> None:
+        """Wait for the fill to end, however it ends (after a failed step)."""
+        futures.wait([self.done])
+
 
 class StructuredOutput:
     """The engine's grammars: compiled matchers (cached), and one live matcher per request."""
@@ -114,32 +127,35 @@ class StructuredOutput:
                     eos_token=self.eos_token_ids or None)
             return self._ll_tokenizer
 
-    def compile(self, grammar: str) -> llguidance.LLMatcher:
-        """The compiled matcher of a grammar (cached); raises GrammarError if it does not compile."""
+    def compile(self, grammar: str, salt: str | None = None) -> llguidance.LLMatcher:
+        """The compiled matcher of a grammar (cached per `salt`, the request's prefix-cache salt,
+        so that one API key can neither time nor wear out another's grammars); raises
+        GrammarError if it does not compile, or fails on its first mask (a regex too complex
+        for the lexer, a choice of too many items): that work is done here, in the caller's
+        thread, and shared by every copy."""
         if len(grammar) > MAX_GRAMMAR_CHARS:
             raise GrammarError(f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters")
+        key = (salt, grammar)
         with self._lock:
-            matcher = self._compiled.get(grammar)
+            matcher = self._compiled.get(key)
             if matcher is not None:
-                self._compiled.move_to_end(grammar)
+                self._compiled.move_to_end(key)
                 return matcher
-        tokenizer = self.ll_tokenizer
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise GrammarError("; ".join(messages))
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=PARSER_LIMITS)
+        if not matcher.is_error():
+            matcher.compute_bitmask()
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         with self._lock:
             self.num_compiled += 1
-            self._compiled[grammar] = matcher
+            self._compiled[key] = matcher
             while len(self._compiled) > self.max_cached:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def add(self, request_id: str, grammar: str) -> None:
+    def add(self, request_id: str, grammar: str, salt: str | None = None) -> None:
         """Start a request's matcher at the beginning of its grammar."""
-        self._matchers[request_id] = self.compile(grammar).deep_copy()
+        self._matchers[request_id] = self.compile(grammar, salt).deep_copy()
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """A completion forked from `parent_id` before either sampled: the same grammar state."""
@@ -189,11 +205,41 @@ class _TokenizerView:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.bos_token_id = tokenizer.bos_token_id
         self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        # Special tokens are never text to a grammar: the detokenizer skips them, so a grammar
+        # that took `<repo_name>` for its text would see characters the output lacks. Tokens
+        # without bytes (control, padding) are special too.
+        is_special = getattr(tokenizer, "is_special", lambda i: False)
         named = {tokenizer.bos_token_id, tokenizer.eos_token_id, *tokenizer.end_of_generation_ids}
-        self.special_token_ids = sorted(i for i in named if i is not None)
+        self.special_token_ids = sorted({i for i in named if i is not None}
+                                        | {i for i, raw in enumerate(self.tokens) if not raw or is_special(i)})
         self._tokenizer = tokenizer
+        self._by_bytes: dict[bytes, int] | None = None  # built when first needed
+        self._longest = 1
 
     def __call__(self, text: str | bytes) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return self._tokenizer.encode_text(text)
+        """Tokens whose bytes are exactly `text` (llguidance forces text a grammar fixes with
+        them): the tokenizer's own encoding when it is exact, else the longest tokens first. A
+        SentencePiece tokenizer prefixes a space (`{` becomes `▁`, `{`), which a grammar that
+        must begin with `{` would then refuse."""
+        raw = text if isinstance(text, bytes) else text.encode("utf-8")
+        ids = self._tokenizer.encode_text(raw.decode("utf-8", errors="replace"))
+        if b"".join(self.tokens[i] for i in ids) == raw:
+            return ids
+        return self._longest_first(raw)
+
+    def _longest_first(self, raw: bytes) -> list[int]:
+        if self._by_bytes is None:
+            special = set(self.special_token_ids)
+            self._by_bytes = {b: i for i, b in enumerate(self.tokens) if b and i not in special}
+            self._longest = max(map(len, self._by_bytes), default=1)
+        ids, start = [], 0
+        while start < len(raw):
+            for end in range(min(len(raw), start + self._longest), start, -1):
+                token = self._by_bytes.get(raw[start:end])
+                if token is not None:
+                    ids.append(token)
+                    start = end
+                    break
+            else:  # a byte no token holds alone: nothing can write it
+                raise GrammarError(f"no token writes the byte {raw[start]:#04x}")
+        return ids

@@ -6,42 +6,40 @@ With no arguments it serves the bundled stories260K on 127.0.0.1:8000.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import functools
 import logging
 import os
-import signal
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import uvicorn
-
-from model.config import ConfigError
-from model.gguf_checkpoint import GGUFError
-from model.loader import CheckpointError
-from model.model_path import INSTALLED_MODELS, ModelPathError, default_model_name
-from model.tokenizer import TokenizerError
-from scheduler.engine import Engine
-from scheduler.engine_config import EngineConfig
-from server.app import DEFAULT_MAX_BODY_BYTES, build_app
-from server.async_engine import AsyncEngine
-from server.chat_template import ChatTemplate, ChatTemplateError
+# Parsing the arguments (and --help) imports nothing heavy: the defaults come from server.defaults
+# and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
+from model.model_path import INSTALLED_MODELS
+from model.threads import THREADS_HELP, default_threads
+from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+                             DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT_TOKENS,
+                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL)
 from server.tool_parsers import TOOL_PARSERS
-from server.connections import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KEEP_ALIVE_TIMEOUT,
-                                MAX_REQUEST_HEAD_BYTES, ConnectionGuard, connection_limits, http_protocol,
-                                quiet_repeated_logs)
-from server.logs import configure_logging
-from server.metrics import Metrics
-from server.middleware import DEFAULT_BODY_TIMEOUT
-from server.response_store import (DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES,
-                                   DEFAULT_RESPONSE_TTL, ResponseStore)
-from server.serving import DEFAULT_MAX_OUTPUT_TOKENS, ServerState, load_generation_defaults
+
+if TYPE_CHECKING:
+    from scheduler.engine_config import EngineConfig
+    from server.serving import ServerState
 
 logger = logging.getLogger("sinkserve")
 
-# Errors in the files named by --model (found before any weight is read where they can be).
-MODEL_ERRORS = (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError)
+
+def model_errors() -> tuple[type[Exception], ...]:
+    """Errors in the files named by --model (found before any weight is read where they can be)."""
+    from model.config import ConfigError
+    from model.gguf_checkpoint import GGUFError
+    from model.loader import CheckpointError
+    from model.model_path import ModelPathError
+    from model.tokenizer import TokenizerError
+    from server.chat_template import ChatTemplateError
+    return ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError
 
 
 def positive(kind):
@@ -55,85 +53,131 @@ def positive(kind):
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sinkserve", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, once: the help text's own "(default: ...)" where
+    it has one (a default of None or a flag's off state, said in words), else the value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "(default:" in help or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sinkserve", description=__doc__, formatter_class=HelpFormatter)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
                    help="a Hugging Face model directory, a .gguf file, or an installed model's name "
                         f"({', '.join(INSTALLED_MODELS)}) (default: bundled stories260K)")
-    p.add_argument("--served-model-name", default=None,
+    g.add_argument("--served-model-name", default=None,
                    help="model name in the API (default: the installed model's name, the directory's name, "
                         "or the GGUF file's name without .gguf)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", default=None,
-                   help="require this bearer key on /v1/* (repeat for several; also env SINKSERVE_API_KEY, "
-                        "comma-separated)")
-    p.add_argument("--api-key-file", default=None,
-                   help="file with one API key per line (also env SINKSERVE_API_KEY_FILE)")
-    p.add_argument("--rate-limit", type=float, default=None,
-                   help="requests per minute per API key (per client address without keys); 429 past it")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV pool on a CPU")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds after which a request ends with finish_reason 'timeout' (default: none)")
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the checkpoint's shapes, no weight files read")
+    g.add_argument("--seed", type=int, default=0, help="seed of the dummy weights (--load-format dummy)")
+    g.add_argument("--tool-call-parser", default="auto", choices=["auto", *TOOL_PARSERS],
+                   help="how replies are read for tool calls (default: the format the chat template teaches)")
+
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs; auto: cuda where there is a GPU, else cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' and activations' dtype; auto: bfloat16 on a GPU, float32 on a CPU")
+    g.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
+    g.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
+                   help="paged attention implementation (default: auto, triton kernels on CUDA)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (default: CUDA graphs on a GPU)")
+
+    g = p.add_argument_group("memory", "the paged KV cache")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV pool size in blocks (default: from --kv-cache-memory or --gpu-memory-utilization)")
+    g.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV pool on a CPU")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory for the model, activations and the KV pool on a GPU")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens at most (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of prompt prefixes that earlier requests computed "
+                        "(default: reused)")
+
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once at most")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens one engine step computes at most")
+    g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests past this many waiting get a fast 503 with Retry-After (0: no limit)")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--attention-sinks", type=int, default=4, help="StreamingLLM sink tokens kept (with a window)")
-    p.add_argument("--attention-window", type=int, default=None,
-                   help="StreamingLLM recent window in tokens (default: none, dense attention)")
-    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
-    p.add_argument("--session-memory", type=float, default=1.0,
+    g.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request ends with finish_reason 'timeout' (default: none)")
+
+    g = p.add_argument_group("StreamingLLM", "attention sinks and a sliding window: generation past the context")
+    g.add_argument("--attention-sinks", type=int, default=4, help="sink tokens kept (with a window)")
+    g.add_argument("--attention-window", type=int, default=None,
+                   help="recent window in tokens (default: none, dense attention)")
+    g.add_argument("--max-output-tokens", type=positive(int), default=DEFAULT_MAX_OUTPUT_TOKENS,
+                   help="output tokens per completion at most for requests with a window (whose context never "
+                        "fills up), and their default")
+
+    g = p.add_argument_group("sessions")
+    g.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache")
+    g.add_argument("--session-memory", type=float, default=1.0,
                    help="GiB of host memory for idle sessions' KV caches under memory pressure (0: drop them; "
                         "like llama.cpp's --cache-ram)")
-    p.add_argument("--max-output-tokens", type=positive(int), default=DEFAULT_MAX_OUTPUT_TOKENS,
-                   help="output tokens per completion at most for requests with a StreamingLLM window (whose "
-                        "context never fills up), and their default")
-    p.add_argument("--shared-prefix-cache", action="store_true",
-                   help="with API keys, let requests of different keys share prefix-cache blocks (by default "
-                        "each key's are its own)")
-    p.add_argument("--max-stored-responses", type=positive(int), default=DEFAULT_MAX_STORED_RESPONSES,
-                   help="/v1/responses: responses kept in memory at most (least recently used forgotten first)")
-    p.add_argument("--response-ttl", type=positive(float), default=DEFAULT_RESPONSE_TTL,
-                   help="/v1/responses: seconds a stored response is kept after its last use")
-    p.add_argument("--response-store-memory", type=positive(float), default=DEFAULT_RESPONSE_STORE_BYTES / 2**30,
-                   help="/v1/responses: GiB of memory for stored responses' text at most (an estimate)")
-    p.add_argument("--max-chain-tokens", type=positive(int), default=DEFAULT_MAX_CHAIN_TOKENS,
-                   help="/v1/responses: tokens a response chain's conversation may have at most (400 past it)")
-    p.add_argument("--tool-call-parser", default="auto", choices=["auto", *TOOL_PARSERS],
-                   help="how replies are read for tool calls (default: the format the chat template teaches)")
-    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
-                   help="paged attention implementation (default: auto, triton kernels on CUDA)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--allowed-origins", nargs="*", default=None, help="enable CORS for these origins")
-    p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS,
+
+    g = p.add_argument_group("responses", "stored responses of /v1/responses")
+    g.add_argument("--max-stored-responses", type=positive(int), default=DEFAULT_MAX_STORED_RESPONSES,
+                   help="responses kept in memory at most (least recently used forgotten first)")
+    g.add_argument("--response-ttl", type=positive(float), default=DEFAULT_RESPONSE_TTL,
+                   help="seconds a stored response is kept after its last use")
+    g.add_argument("--response-store-memory", type=positive(float), default=DEFAULT_RESPONSE_STORE_BYTES / 2**30,
+                   help="GiB of memory for stored responses' text at most (an estimate)")
+    g.add_argument("--max-chain-tokens", type=positive(int), default=DEFAULT_MAX_CHAIN_TOKENS,
+                   help="tokens a response chain's conversation may have at most (400 past it)")
+
+    g = p.add_argument_group("server", "HTTP: address, connections, timeouts")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every IPv4 interface)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS,
                    help="open connections at most; past them a new one replaces the longest idle or half-sent "
                         "one, else only /health and /metrics get through")
-    p.add_argument("--header-timeout", type=positive(float), default=DEFAULT_HEADER_TIMEOUT,
+    g.add_argument("--header-timeout", type=positive(float), default=DEFAULT_HEADER_TIMEOUT,
                    help="seconds a connection has to send a complete request head before it is closed")
-    p.add_argument("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT,
+    g.add_argument("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT,
                    help="seconds a request body has to arrive in full before the request gets 408")
-    p.add_argument("--forwarded-allow-ips", default=None,
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="bytes a request body may have at most (413 past it)")
+    g.add_argument("--forwarded-allow-ips", default=None,
                    help="comma-separated proxy addresses (or *) whose X-Forwarded-For gives the client address "
-                        "(rate limits, logs); by default no header is trusted and the client is the peer")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        "(rate limits, logs) (default: none, the client is the peer)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are aborted")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-format", default="text", choices=["text", "json"],
+
+    g = p.add_argument_group("security")
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require this bearer key on /v1/* (repeat for several; also env SINKSERVE_API_KEY, "
+                        "comma-separated) (default: none, no key needed)")
+    g.add_argument("--api-key-file", default=None,
+                   help="file with one API key per line (also env SINKSERVE_API_KEY_FILE) (default: none)")
+    g.add_argument("--rate-limit", type=float, default=None,
+                   help="requests per minute per API key (per client address without keys); 429 past it "
+                        "(default: no limit)")
+    g.add_argument("--allowed-origins", nargs="*", default=None,
+                   help="enable CORS for these origins (default: CORS off)")
+    g.add_argument("--shared-prefix-cache", action="store_true",
+                   help="with API keys, let requests of different keys share prefix-cache blocks "
+                        "(default: each key's are its own)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", default="info", help="debug, info, warning, error or critical")
+    g.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one JSON object per line, with the request id")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -153,43 +197,80 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
-class GracefulServer(uvicorn.Server):
-    """On SIGTERM/Ctrl-C: stop accepting, let requests run up to the timeout, then abort the rest
-    so that their streams end with finish_reason "abort" and [DONE] instead of a cut connection."""
+@functools.cache
+def graceful_server_class() -> type:
+    """GracefulServer, a uvicorn.Server (defined on first use: uvicorn is imported after parsing)."""
+    import asyncio
+    import signal
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
-        super().__init__(config)
-        self.engine = engine
-        self.drain_timeout = timeout
+    import uvicorn
 
-    async def shutdown(self, sockets=None):
-        for server in self.servers:
-            server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.drain_timeout
-        while self.engine.num_active_requests and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.engine.num_active_requests:
-            logger.info("aborting %d requests still running", self.engine.num_active_requests)
-            self.engine.abort_all()
-            flush_deadline = loop.time() + 5.0
-            while self.engine.num_active_requests and loop.time() < flush_deadline:
+    from server.async_engine import AsyncEngine
+
+    class GracefulServer(uvicorn.Server):
+        """On SIGTERM/Ctrl-C: stop accepting, let requests run up to the timeout, then abort the rest
+        so that their streams end with finish_reason "abort" and [DONE] instead of a cut connection."""
+
+        def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
+            super().__init__(config)
+            self.engine = engine
+            self.drain_timeout = timeout
+
+        async def shutdown(self, sockets=None):
+            for server in self.servers:
+                server.close()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.drain_timeout
+            while self.engine.num_active_requests and loop.time() < deadline:
                 await asyncio.sleep(0.05)
-        await super().shutdown(sockets)
+            if self.engine.num_active_requests:
+                logger.info("aborting %d requests still running", self.engine.num_active_requests)
+                self.engine.abort_all()
+                flush_deadline = loop.time() + 5.0
+                while self.engine.num_active_requests and loop.time() < flush_deadline:
+                    await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
 
-    @contextlib.contextmanager
-    def capture_signals(self):
-        # uvicorn re-raises the signal after shutting down; a drained server exits 0 instead.
-        signals = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after shutting down; a drained server exits 0 instead.
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def listen_error(host: str, port: int) -> str | None:
+    """Why the server cannot listen on host:port, or None: binds a socket to every address `host`
+    resolves to as uvicorn will (asyncio's create_server: AI_PASSIVE, SO_REUSEADDR, IPV6_V6ONLY),
+    then closes them. A port in use is found before the model loads rather than after."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc.strerror.lower()
+    with contextlib.ExitStack() as stack:
+        for family, type_, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = stack.enter_context(socket.socket(family, type_, proto))
+            except OSError:  # an address family this host lacks (asyncio skips it too)
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+            except OSError as exc:
+                return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from scheduler.engine_config import EngineConfig
     return EngineConfig(
         args.model, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=int(args.kv_cache_memory * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
@@ -203,6 +284,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_state(args: argparse.Namespace) -> ServerState:
+    from model.model_path import default_model_name
+    from scheduler.engine import Engine
+    from server.async_engine import AsyncEngine
+    from server.chat_template import ChatTemplate
+    from server.metrics import Metrics
+    from server.response_store import ResponseStore
+    from server.serving import ServerState, load_generation_defaults
+
     engine = Engine.from_config(engine_config(args))
     name = args.served_model_name or default_model_name(args.model, engine.model_path)
     async_engine = AsyncEngine(engine)
@@ -219,6 +308,20 @@ def build_state(args: argparse.Namespace) -> ServerState:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    error = listen_error(args.host, args.port)
+    if error is not None:  # before the model loads, not after it
+        address = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"sinkserve: error: cannot listen on {address}:{args.port}: {error}", file=sys.stderr)
+        raise SystemExit(1)
+
+    import torch
+    import uvicorn
+
+    from server.app import build_app
+    from server.connections import (KEEP_ALIVE_TIMEOUT, MAX_REQUEST_HEAD_BYTES, ConnectionGuard, connection_limits,
+                                    http_protocol, quiet_repeated_logs)
+    from server.logs import configure_logging
+
     configure_logging(args.log_level, args.log_format)
     quiet_repeated_logs()
     max_connections, backlog = connection_limits(args.max_connections)
@@ -226,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         state = build_state(args)
-    except MODEL_ERRORS as exc:  # a model the user can fix: one line, no traceback
+    except model_errors() as exc:  # a model the user can fix: one line, no traceback
         print(f"sinkserve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     app = build_app(state, api_keys(args), args.allowed_origins, args.max_request_body_bytes, args.rate_limit,
@@ -241,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                             proxy_headers=args.forwarded_allow_ips is not None,
                             forwarded_allow_ips=args.forwarded_allow_ips)
     logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
-    GracefulServer(config, state.engine, args.shutdown_timeout).run()
+    graceful_server_class()(config, state.engine, args.shutdown_timeout).run()
 
 
 if __name__ == "__main__":

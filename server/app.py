@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from model.tokenizer import Tokenizer, replace_lone_surrogates
 from server.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
@@ -24,7 +25,19 @@ from server.responses import create_response, delete_response, list_input_items,
 from server.responses_protocol import ResponseRequest
 from server.serving import ServerState, engine_api_error, json_response, session_key
 
-DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+from server.defaults import DEFAULT_MAX_BODY_BYTES  # the CLI's default (--max-request-body-bytes)
+
+
+def tokenize_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """/tokenize of a prompt, as Hugging Face tokenizers (and vLLM) tokenize: special-token text
+    (`</s>`, `<|im_end|>`) becomes its id, and BOS / EOS are added as the checkpoint adds them
+    when `add_special_tokens`."""
+    ids = tokenizer.encode_with_special_tokens(replace_lone_surrogates(text))
+    if add_special_tokens and tokenizer.add_bos_token and tokenizer.bos_token_id is not None:
+        ids.insert(0, tokenizer.bos_token_id)
+    if add_special_tokens and tokenizer.add_eos_token and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
@@ -119,9 +132,21 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
         if body.messages is not None:
             tokens = await chat_prompt(state, body)
         else:
-            add_bos = None if body.add_special_tokens else False
-            tokens = await run_in_threadpool(state.tokenizer.encode, body.prompt, add_bos)
+            tokens = await run_in_threadpool(tokenize_text, state.tokenizer, body.prompt, body.add_special_tokens)
         return await json_response({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        # vLLM's endpoint: evaluation tools (lm-eval's remote tokenizer) read the special tokens
+        # and the chat template here, and tokenize through /tokenize and /detokenize.
+        tokenizer = state.tokenizer
+        names = tokenizer.special_token_texts()
+        return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                "model_max_length": state.max_model_len, "bos_token": names.get("bos_token"),
+                "eos_token": names.get("eos_token"), "pad_token": None, "unk_token": None,
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "add_bos_token": tokenizer.add_bos_token, "add_eos_token": tokenizer.add_eos_token,
+                "chat_template": state.chat_template.source}
 
     @app.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
     async def detokenize(raw: Request):

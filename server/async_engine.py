@@ -133,9 +133,9 @@ class AsyncEngine:
         """Engine.check_prompt: ValueError (PromptTooLongError) if the request cannot be served."""
         self.engine.check_prompt(token_ids, params, policy)
 
-    def compile_grammar(self, grammar: str) -> None:
+    def compile_grammar(self, grammar: str, salt: str | None) -> None:
         """StructuredOutput.compile, from a worker thread: GrammarError if it does not compile."""
-        self.engine.structured_output.compile(grammar)
+        self.engine.structured_output.compile(grammar, salt)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

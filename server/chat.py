@@ -11,13 +11,13 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.chat_template import ChatTemplateError
+from server.chat_template import ChatTemplateError, ToolsNotRenderedError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, chat_logprobs,
                             check_logprob_volume, check_prompt, check_stream_options, engine_options, guarded,
-                            json_response, openai_finish, output_budget, prompt_logprobs_list, run_prompts,
-                            sampling_params, sse, until_disconnected, usage)
+                            json_response, logprobs_of_text, openai_finish, output_budget, prompt_logprobs_list,
+                            run_prompts, sampling_params, sse, until_disconnected, usage)
 from server.structured_outputs import output_grammar
 from server.tools import ToolCallStream, parses_calls, reply_message, template_message, template_tools, tool_grammar
 
@@ -32,6 +32,8 @@ async def chat_prompt(state: ServerState, body, windowed: bool = True) -> list[i
         tools = template_tools(body) if isinstance(body, ChatCompletionRequest) else None
         try:
             return state.chat_template.encode(messages, body.add_generation_prompt, tools)
+        except ToolsNotRenderedError as exc:
+            raise APIError(400, str(exc), param="tools") from exc
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
@@ -55,7 +57,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
     forced_calls = lambda: tool_grammar(state.tool_parser, body)  # noqa: E731
-    params = replace(params, grammar=await output_grammar(state, body, forced_calls))
+    params = replace(params, grammar=await output_grammar(state, body, options["cache_salt"], forced_calls))
     prompt = await chat_prompt(state, body, windowed)
     await run_in_threadpool(check_prompt, state, prompt, params, options, "messages")
     check_logprob_volume(state, params, [len(prompt)])
@@ -88,6 +90,8 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
             cached = out.num_cached_tokens if out.index == 0 else cached
 
     def choice(i: int) -> dict:
+        if isinstance(stop_reasons[i], str) and not job.params.include_stop_str_in_output:
+            entries[i] = logprobs_of_text(state.tokenizer, entries[i], texts[i])
         message, called = reply_message(state.tool_parser, body, texts[i])
         return {"index": i, "message": message,
                 "logprobs": chat_logprobs(state.tokenizer, entries[i]) if body.logprobs else None,
@@ -121,14 +125,24 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
 
     calls = [ToolCallStream(state.tool_parser, body.parallel_tool_calls) if parses_calls(body) else None
              for _ in range(job.params.n)]
-    for index in range(job.params.n):
-        yield event(index, {"role": "assistant", "content": ""})
+    # Each choice's role chunk goes with its first output, as OpenAI and vLLM send it: a client
+    # timing the first event measures the time to the first token, not to admission.
+    started = [False] * job.params.n
+    # Logprobs travel with the text of their tokens: held while that text is (it may begin a
+    # stop string), and dropped when it was all stop string.
+    pending: list[list] = [[] for _ in range(job.params.n)]
     completion_tokens = cached = 0
     async for _, out in run_prompts(state, job):
+        if not started[out.index]:
+            started[out.index] = True
+            yield event(out.index, {"role": "assistant", "content": ""})
         counter.add(0, out)
         if continuous_usage:
             extra = {"usage": counter.usage()}
-        logprobs = chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs and out.logprobs else None
+        if body.logprobs and out.logprobs:
+            pending[out.index] += out.logprobs
+        if out.finished and isinstance(out.stop_reason, str) and not job.params.include_stop_str_in_output:
+            pending[out.index] = logprobs_of_text(state.tokenizer, pending[out.index], out.text)
         text, tool_calls = out.text, []
         stream = calls[out.index]
         if stream is not None:
@@ -136,6 +150,10 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
             if out.finished:
                 rest, more_calls = stream.finish()
                 text, tool_calls = text + rest, tool_calls + more_calls
+        if not (text or tool_calls or out.finished):
+            continue
+        logprobs = chat_logprobs(state.tokenizer, pending[out.index]) if pending[out.index] else None
+        pending[out.index] = []
         if tool_calls:
             yield event(out.index, {"content": text} if text else {"tool_calls": tool_calls}, logprobs)
             if text:

@@ -10,6 +10,9 @@ result (`<s>`, `<|im_start|>`) becomes the special token ids.
 
 A model without a template (the bundled stories260K has none) gets the plain fallback: BOS, then
 each message as `<role>: <content>` on its own line, then `assistant:` when a reply is wanted.
+A past reply is `assistant:<content>`, with no space added: the reply as the model wrote it after
+`assistant:`, so that a resent conversation matches the tokens of the one that was generated
+(and a session reuses its whole cache).
 
 Tools: `tools` is passed to the template as transformers passes it, and messages keep their
 `tool_calls` (arguments as a dict) and `tool_call_id`. A ChatML template that ignores tools
@@ -34,7 +37,8 @@ FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
     "{% if tools %}system: You can call these tools: {{ tools | tojson }}. To call tools, reply with only "
     "<tool_call>[{\"name\": \"tool name\", \"arguments\": {\"argument\": \"value\"}}]</tool_call>\n{% endif %}"
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% for message in messages %}{{ message['role'] }}:"
+    "{% if message['role'] != 'assistant' %} {% endif %}{{ message['content'] }}"
     "{% if message.get('tool_calls') %}<tool_call>["
     "{% for call in message['tool_calls'] %}{% if not loop.first %}, {% endif %}"
     "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}{% endfor %}"
@@ -47,6 +51,10 @@ CHATML_TOOLS_TEMPLATE = (Path(__file__).parent / "chat_templates" / "chatml_tool
 
 class ChatTemplateError(ValueError):
     pass
+
+
+class ToolsNotRenderedError(ChatTemplateError):
+    """A conversation with tools for a template that would silently drop them."""
 
 
 class _GenerationBlocks(Extension):
@@ -88,8 +96,9 @@ class ChatTemplate:
             self.renders_tools = "tools" in meta.find_undeclared_variables(env.parse(self.source))
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from None
-        # A template that ignores tools gets sinkserve's own when a conversation has tools.
-        self.tool_template = self.template
+        # A ChatML template that ignores tools gets sinkserve's own when a conversation has
+        # tools; any other template that ignores them cannot take them (None).
+        self.tool_template = self.template if self.renders_tools else None
         if not self.renders_tools and "<|im_start|>" in self.source:
             self.tool_template = env.from_string(CHATML_TOOLS_TEMPLATE)
         self.special_tokens = {"bos_token": "", "eos_token": "", **tokenizer.special_token_texts()}
@@ -112,6 +121,9 @@ class ChatTemplate:
         tool template when the model's own template ignores tools."""
         with_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         template = self.tool_template if with_tools else self.template
+        if template is None:
+            raise ToolsNotRenderedError("this model's chat template does not render tools, tool calls or tool "
+                                        "results (and is not ChatML, for which sinkserve has one that does)")
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    tools=tools or None, **self.special_tokens)

@@ -32,12 +32,8 @@ from server.errors import error_body
 
 logger = logging.getLogger("sinkserve.connections")
 
-# Defaults of the command-line flags. 2048 connections is well above the requests the engine
-# admits by default (256 running + 1024 waiting); 30 s for a request head is generous for any
-# real client (Node's HTTP server allows 60 s, Apache 20 to 40 s) and short enough that a
-# stalled connection does not linger.
-DEFAULT_MAX_CONNECTIONS = 2048
-DEFAULT_HEADER_TIMEOUT = 30.0
+# Defaults of the command-line flags (why these: server/defaults.py).
+from server.defaults import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS  # noqa: E402
 # Connections past the limit that may still ask for /health and /metrics.
 RESERVED_CONNECTIONS = 16
 RESERVED_PATHS = ("/health", "/metrics")

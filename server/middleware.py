@@ -21,8 +21,8 @@ access_logger = logging.getLogger("sinkserve.access")
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-# Seconds a request body may take to arrive in full (a JSON prompt; nginx allows 60 s between reads).
-DEFAULT_BODY_TIMEOUT = 60.0
+# Seconds a request body may take to arrive in full: the CLI's default (server/defaults.py).
+from server.defaults import DEFAULT_BODY_TIMEOUT  # noqa: E402
 # Rate-limit buckets kept at most (about 300 bytes each).
 DEFAULT_MAX_BUCKETS = 10_000
 

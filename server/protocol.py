@@ -63,6 +63,7 @@ def refuse(value: Any, allowed: Any, why: str) -> Any:
 
 
 MAX_TOOLS = 128  # as OpenAI allows
+MAX_CHOICES = 1024  # structured_outputs.choice: past llguidance's 2,000 items a row, with room
 FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -92,7 +93,7 @@ class StructuredOutputs(StrictModel):
 
     json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")  # a schema (or its text)
     regex: StrictStr | None = None
-    choice: FastList(StrictStr, min_length=1) | None = None
+    choice: FastList(StrictStr, min_length=1, max_length=MAX_CHOICES) | None = None
     grammar: StrictStr | None = None  # Lark, or GBNF (llama.cpp's)
     json_object: StrictBool | None = None
 

@@ -31,13 +31,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-DEFAULT_MAX_STORED_RESPONSES = 10_000
-DEFAULT_RESPONSE_TTL = 24 * 3600.0  # seconds since last use
-DEFAULT_RESPONSE_STORE_BYTES = 2**30
-# Tokens a chain's conversation may have at most (the rendered prompt of its next turn): every
-# turn re-renders and re-tokenizes the whole history, and the engine matches it against the
-# session's token history, so both cost O(chain) per turn.
-DEFAULT_MAX_CHAIN_TOKENS = 262_144
+# The bounds' defaults, the CLI's (why these: server/defaults.py).
+from server.defaults import (DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES,
+                             DEFAULT_RESPONSE_TTL)
 # Estimated bytes of a response beside its texts (the objects, ids, the response's fields).
 _RESPONSE_OVERHEAD = 2048
 _ITEM_OVERHEAD = 200

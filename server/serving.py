@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 # Request fields that take their default from generation_config.json when the client omits them.
 GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # Output tokens a request with a StreamingLLM window may ask for (its context never fills up);
-# `--max-output-tokens` sets it.
-DEFAULT_MAX_OUTPUT_TOKENS = 65536
+# `--max-output-tokens` sets it, by default to the CLI's default (server/defaults.py).
+from server.defaults import DEFAULT_MAX_OUTPUT_TOKENS  # noqa: E402
 # Logprob entries (the token's and each alternative) one request may hold, prompt and output
 # together: about 100 bytes each in memory and in the JSON, so 25-50 MB at most per request.
 MAX_LOGPROB_ENTRIES = 2**18
@@ -479,6 +479,20 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                         for e in entries]}
+
+
+def logprobs_of_text(tokenizer: Tokenizer, entries: list[TokenLogprob], text: str) -> list[TokenLogprob]:
+    """The leading entries whose tokens make up `text`: for a reply cut by a stop string, the
+    tokens that hold only stop-string text are dropped, so that the logprob tokens join back into
+    the content (a token holding both the end of the content and the start of the stop string
+    stays). Counted in UTF-8 bytes, which tokens split exactly."""
+    kept, size, target = [], 0, len(text.encode("utf-8", "surrogatepass"))
+    for entry in entries:
+        if size >= target:
+            break
+        kept.append(entry)
+        size += len(tokenizer.token_bytes(entry.token_id))
+    return kept
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

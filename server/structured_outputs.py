@@ -43,7 +43,10 @@ def requested_grammar(body: SamplingFields) -> tuple[str | None, str | None]:
         if outputs is None:
             return None, None
         if outputs.json_ is not None:
-            schema = json.loads(outputs.json_) if isinstance(outputs.json_, str) else outputs.json_
+            try:
+                schema = json.loads(outputs.json_) if isinstance(outputs.json_, str) else outputs.json_
+            except RecursionError:
+                raise ValueError("the schema is nested too deeply") from None
             return json_schema_grammar(schema), "structured_outputs"
         if outputs.json_object:
             return json_schema_grammar(ANY_JSON_OBJECT), "structured_outputs"
@@ -51,16 +54,21 @@ def requested_grammar(body: SamplingFields) -> tuple[str | None, str | None]:
             return regex_grammar(outputs.regex), "structured_outputs"
         if outputs.choice is not None:
             return choice_grammar(outputs.choice), "structured_outputs"
-        return lark_grammar(any_to_lark(outputs.grammar)), "structured_outputs"
+        try:
+            lark = any_to_lark(outputs.grammar)
+        except Exception as exc:  # noqa: BLE001 (the GBNF converter raises plain Exceptions)
+            raise ValueError(f"the grammar does not parse: {exc}") from None
+        return lark_grammar(lark), "structured_outputs"
     except (GrammarError, ValueError) as exc:  # a schema that is not JSON, GBNF that does not parse
         param = "response_format" if outputs is None else "structured_outputs"
         raise APIError(400, f"{param} is not a valid grammar: {exc}", param=param) from exc
 
 
-async def output_grammar(state, body: SamplingFields,
+async def output_grammar(state, body: SamplingFields, salt: str | None,
                          forced_calls: Callable[[], str | None] | None = None) -> str | None:
     """The compiled (or cached) grammar of a request, None for free output; built and compiled in
-    a worker thread. `forced_calls` builds the grammar its tool_choice forces (server/tools.py)."""
+    a worker thread, cached under the request's prefix-cache `salt` (its API key's). `forced_calls`
+    builds the grammar its tool_choice forces (server/tools.py)."""
 
     def build() -> str | None:
         grammar, param = requested_grammar(body)
@@ -73,7 +81,7 @@ async def output_grammar(state, body: SamplingFields,
         if grammar is None:
             return None
         try:
-            state.engine.compile_grammar(grammar)
+            state.engine.compile_grammar(grammar, salt)
         except GrammarError as exc:
             raise APIError(400, f"{param} cannot be followed: {exc}", param=param) from exc
         return grammar

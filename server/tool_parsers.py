@@ -291,7 +291,9 @@ class _CallReader:
         """Reads text up to the object's end at most; returns how many characters it read."""
         read = self._object.feed(text)
         self.text += text[:read]
-        if self.name is None and (head := _NAME_HEAD.match(self.text)):
+        # A name is at most 64 characters: the head is looked for in the call's first 256, so
+        # a call whose name string never closes costs O(1) per push, not a rescan.
+        if self.name is None and (head := _NAME_HEAD.match(self.text[:256])):
             try:
                 self.name = json.loads(head[1])
                 self._name_end = head.end()

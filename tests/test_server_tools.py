@@ -70,6 +70,8 @@ def _streamed_calls(chunks: list[ChatCompletionChunk]) -> tuple[str, list[dict],
     content, calls, finish = "", {}, None
     for chunk in chunks:
         for choice in chunk.choices:
+            delta = choice.delta.model_dump(exclude_none=True)
+            assert delta != {"content": ""} or choice.finish_reason, chunks  # no empty chunks between
             content += choice.delta.content or ""
             for delta in choice.delta.tool_calls or []:
                 if delta.id is not None:  # a call's first delta: id, type and name
@@ -210,6 +212,13 @@ def test_auto_parses_the_calls_a_reply_contains(server):
      "tool_choice", "response_format"),
     ("chat/completions", {"tools": TOOLS + TOOLS[:1]}, "tools", "distinct"),
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions", "tools"),
+    ("completions", {"structured_outputs": {"grammar": ""}}, "structured_outputs", "grammar"),
+    ("completions", {"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs", "grammar"),
+    ("completions", {"structured_outputs": {"json": "[" * 100_000 + "]" * 100_000}}, "structured_outputs",
+     "nested"),
+    ("completions", {"structured_outputs": {"choice": ["a"] * 1025}}, "structured_outputs", "1024"),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
+     "response_format", "false"),
 ])
 def test_bad_structured_requests_are_400s_naming_the_parameter(server, path, body, param, says):
     if path == "completions":
