@@ -166,9 +166,6 @@ class StructuredOutput:
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
 
-    def has_grammar(self, request_id: str) -> bool:
-        return request_id in self._matchers
-
     def start_masks(self, request_ids: Sequence[str]) -> _Masks | None:
         """Begin filling the bitmask of the rows (one per sampled request) that have a grammar;
         None when none has one."""
@@ -192,10 +189,6 @@ class StructuredOutput:
         if not matcher.consume_token(token_id):
             raise GrammarError(f"token {token_id} does not fit the grammar: {matcher.get_error()}")
         return matcher.is_stopped()
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
 
 
 class _TokenizerView:
