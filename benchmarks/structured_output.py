@@ -3,11 +3,15 @@ the grammar mask at batch 1 and 64, side by side with the same requests unconstr
 
     python benchmarks/structured_output.py [--threads 1] [--tokens 32] [--trials 3]
 
+Compile times are measured in the engine's process, and through the server's grammar compiler
+(a trial in a sandbox process, then the same compile in the server).
+
 Decode steps only (prefill excluded): a batch of B identical prompts generates `--tokens` tokens
 each, free (ignore_eos) or under a JSON schema that cannot complete that soon (an array of at
 least 500 short strings), in interleaved trials; medians. The mask of each step is filled in a
 worker thread while the forward pass runs, so the overhead is what is left of it after the
-overlap; the mask fill alone is timed too.
+overlap; the mask fill alone is timed too, the engine's (row by row, each row timed against the
+mask budget) beside llguidance's parallel fill.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def decode_seconds(engine: Engine, prompt: list[int], batch: int, params: Sampli
     return time.perf_counter() - start, tokens
 
 
-def mask_fill_seconds(engine: Engine, grammar: str, batch: int, steps: int) -> float:
-    """Seconds per step to fill the masks of `batch` matchers alone (no forward pass)."""
+def mask_fill_seconds(engine: Engine, grammar: str, batch: int, steps: int, parallel: bool) -> float:
+    """Seconds per step to fill the masks of `batch` matchers alone (no forward pass): the engine's
+    fill (row by row, each timed against the mask budget), or llguidance's parallel one."""
     structured = engine.structured_output
     matchers = [structured.compile(grammar).deep_copy() for _ in range(batch)]
     bitmask = torch.empty(llguidance.torch.get_bitmask_shape(batch, structured.vocab_size), dtype=torch.int32)
@@ -69,7 +74,10 @@ def mask_fill_seconds(engine: Engine, grammar: str, batch: int, steps: int) -> f
     tokens = engine.tokenizer.encode_text('["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"')
     start = time.perf_counter()
     for step in range(steps):
-        llguidance.torch.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        if parallel:
+            llguidance.torch.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        else:
+            structured._fill(matchers, list(range(batch)), bitmask, [])
         for matcher in matchers:
             matcher.consume_token(tokens[step % len(tokens)] if step < len(tokens) else tokens[-1])
     return (time.perf_counter() - start) / steps
@@ -93,6 +101,32 @@ def compile_times(engine: Engine, trials: int) -> dict:
     return results
 
 
+def sandboxed_compile_times(engine: Engine, trials: int) -> dict:
+    """Milliseconds for the server's compiler (server/grammar_compiler.py) to compile a new
+    schema: a trial in a sandbox process, then the compile in the server; medians."""
+    import asyncio
+
+    from server.grammar_compiler import GrammarCompiler
+
+    async def run() -> dict:
+        compiler = GrammarCompiler(engine.structured_output)
+        compiler.start()
+        await compiler._starting  # the sandboxes, started once per server
+        results = {}
+        for name, schema in COMPILE_SCHEMAS.items():
+            times = []
+            for trial in range(trials):
+                grammar = json_schema_grammar(schema)
+                start = time.perf_counter()
+                await compiler.compile(grammar, salt=f"bench-{trial}", tenant=None)  # a new salt: not cached
+                times.append(time.perf_counter() - start)
+            results[name] = statistics.median(times) * 1e3
+        await compiler.stop()
+        return results
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -106,8 +140,10 @@ def main() -> None:
     start = time.perf_counter()
     engine.structured_output.ll_tokenizer  # noqa: B018 (built on first use)
     print(f"llguidance tokenizer for {engine.tokenizer.vocab_size} tokens: {time.perf_counter() - start:.3f} s (once)")
+    sandboxed = sandboxed_compile_times(engine, args.trials)
     for name, times in compile_times(engine, args.trials).items():
-        print(f"compile {name:>18}: {times['compile_ms']:7.2f} ms   cached: {times['cached_ms']:.3f} ms")
+        print(f"compile {name:>18}: {times['compile_ms']:7.2f} ms   cached: {times['cached_ms']:.3f} ms   "
+              f"through the server's sandbox first: {sandboxed[name]:.2f} ms")
 
     prompt = ChatTemplate(engine.tokenizer).encode(
         [{"role": "user", "content": "List as many words as you can, as a JSON array of strings."}])
@@ -123,16 +159,17 @@ def main() -> None:
                 seconds, tokens = decode_seconds(engine, prompt, batch, params)
                 runs[mode].append(seconds / (tokens / batch))  # seconds per decode step
         step_free, step_constrained = (statistics.median(runs[m]) for m in ("free", "constrained"))
-        fill = mask_fill_seconds(engine, grammar, batch, args.tokens)
+        fill = mask_fill_seconds(engine, grammar, batch, args.tokens, parallel=False)
+        fill_par = mask_fill_seconds(engine, grammar, batch, args.tokens, parallel=True)
         summary[batch] = {"step_ms_free": step_free * 1e3, "step_ms_constrained": step_constrained * 1e3,
                           "ratio": step_constrained / step_free,
                           "overhead_ms_per_token": (step_constrained - step_free) / batch * 1e3,
-                          "mask_fill_ms_per_step": fill * 1e3}
+                          "mask_fill_ms_per_step": fill * 1e3, "parallel_fill_ms_per_step": fill_par * 1e3}
         s = summary[batch]
         print(f"batch {batch:3d}: decode step free {s['step_ms_free']:.1f} ms, constrained "
               f"{s['step_ms_constrained']:.1f} ms ({s['ratio']:.3f}x); overhead "
               f"{s['overhead_ms_per_token']:.3f} ms per token; mask fill alone {s['mask_fill_ms_per_step']:.2f} ms "
-              f"per step")
+              f"per step (llguidance's parallel fill: {s['parallel_fill_ms_per_step']:.2f} ms)")
     print(json.dumps({str(k): v for k, v in summary.items()}))
 
 

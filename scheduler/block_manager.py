@@ -153,6 +153,13 @@ class BlockManager:
             self._release(src, copy_source=True)
             seq.table[first] = dst
             copies.append((src, dst))
+        elif num_new > 0 and first < len(seq.table):
+            # Written in place: a block cut back by `truncate` while it was shared stayed in the
+            # prefix cache, expecting a copy; its sharer has let go since, so it leaves now.
+            block = self._blocks[seq.table[first]]
+            if block.hash is not None:
+                del self._cache[block.hash]
+                block.hash = None
         for _ in range(num_missing):
             seq.table.append(self._pop_free())
         return copies

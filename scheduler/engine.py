@@ -135,7 +135,9 @@ class Engine:
         self.stop_token_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in tokenizer_stops
                                                                                if i is not None)))
         self.output_processor = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len)
-        self.structured_output = StructuredOutput(self.tokenizer, model_cfg.vocab_size, self.stop_token_ids)
+        self.structured_output = StructuredOutput(
+            self.tokenizer, model_cfg.vocab_size, self.stop_token_ids,
+            max_cached_bytes=config.grammar_cache_memory, mask_timeout=config.grammar_mask_timeout)
         self._groups: dict[str, list[Request]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
@@ -171,12 +173,16 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     attention_sinks: int | None = None, attention_window: int | None = None,
                     session_id: str | None = None, deadline: float | None = None,
-                    cache_salt: str | None = None) -> list[int]:
+                    cache_salt: str | None = None, tenant: str | None = None,
+                    compiled_grammar: object | None = None) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises ValueError for bad input.
 
         `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
         `session_id` keeps the request's cache for the session's next request (sessions.py);
         `cache_salt` lets it share prefix-cache blocks only with requests of the same salt;
+        `tenant` (an API key's id) is whose share of the idle sessions' memory its session
+        counts in (scheduler/sessions.py); `compiled_grammar` is `params.grammar` compiled
+        already (StructuredOutput.compile), which the engine then never compiles itself;
         at `deadline` (time.monotonic()) the request ends, waiting or running, with finish
         reason "timeout" and what it has generated so far.
         """
@@ -190,9 +196,10 @@ class Engine:
         policy = self.sink_policy(attention_sinks, attention_window)
         self.check_prompt(token_ids, params, policy)
         if params.grammar is not None:
-            self.structured_output.add(request_id, params.grammar, cache_salt)  # GrammarError: a ValueError
+            # GrammarError: a ValueError
+            self.structured_output.add(request_id, params.grammar, cache_salt, compiled_grammar)
         request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id,
-                          cache_salt=cache_salt)
+                          cache_salt=cache_salt, tenant=tenant)
         self._groups[request_id] = [request]
         self.output_processor.add(request)
         self.scheduler.add_request(request)
@@ -254,6 +261,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         scheduler, blocks, sessions = self.scheduler, self.block_manager, self.scheduler.sessions
+        grammars = self.structured_output
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_kv_blocks_used=blocks.num_used_blocks, num_kv_blocks_total=blocks.num_blocks,
@@ -264,7 +272,10 @@ class Engine:
             num_sessions_in_host=sessions.num_swapped,
             num_session_host_blocks_used=sessions.host.num_used_blocks if sessions.host else 0,
             num_session_host_blocks_total=sessions.host.num_blocks if sessions.host else 0,
-            num_sessions_swapped_out=sessions.num_swapped_out, num_sessions_swapped_in=sessions.num_swapped_in)
+            num_sessions_swapped_out=sessions.num_swapped_out, num_sessions_swapped_in=sessions.num_swapped_in,
+            num_grammars_compiled=grammars.num_compiled, num_grammars_cached=len(grammars.cache),
+            grammar_cache_bytes=grammars.cache.num_bytes, num_grammar_errors=grammars.num_grammar_errors,
+            num_grammar_timeouts=grammars.num_mask_timeouts)
 
     def expire_sessions(self) -> int:
         return self.scheduler.sessions.expire(time.monotonic())
@@ -313,7 +324,8 @@ class Engine:
                                                      pl.top_logprobs)])
             except Exception:
                 outputs += self._fail(request.group_id)
-        outputs = expired + outputs + self._process_samples(batch, output.sampled)
+        overran = set(model_input.token_masks.overran) if model_input.token_masks is not None else set()
+        outputs = expired + outputs + self._process_samples(batch, output.sampled, overran)
         if self._suspects and batch.requests[0] is self._suspects[0]:
             if self._solo_request is not self._suspects[0]:
                 self._solo_request, self._solo_steps = self._suspects[0], 0
@@ -431,7 +443,10 @@ class Engine:
             return SamplingRow(params, generator)
         return SamplingRow(params, generator, request.prompt_token_ids, request.output_token_ids)
 
-    def _process_samples(self, batch: ScheduledBatch, sampled: SamplerOutput | None) -> list[RequestOutput]:
+    def _process_samples(self, batch: ScheduledBatch, sampled: SamplerOutput | None,
+                         overran: set[int] = frozenset()) -> list[RequestOutput]:
+        """Each sampled token into its request; `overran`: the sampling rows whose grammar mask
+        took longer than the budget (their requests end after this token)."""
         if sampled is None:
             return []
         token_ids = sampled.token_ids.tolist()
@@ -449,8 +464,8 @@ class Engine:
                 if wanted is not None and logprobs is not None:
                     lp, rank, top_ids, top_lps = logprobs[row]
                     entry = TokenLogprob(token_id, lp, rank, list(zip(top_ids[:wanted], top_lps[:wanted])))
-                grammar_complete = self.structured_output.accept(request.request_id, token_id)
-                out = self.output_processor.process_token(request, token_id, entry, grammar_complete)
+                grammar = self.structured_output.accept(request.request_id, token_id, row in overran)
+                out = self.output_processor.process_token(request, token_id, entry, grammar)
             except Exception:  # this request's text or stop check failed: it alone ends
                 outputs += self._fail(request.group_id)
                 continue

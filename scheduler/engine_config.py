@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scheduler.grammar_vocab import DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_MASK_TIMEOUT
+
 if TYPE_CHECKING:
     import torch
 
@@ -20,7 +22,9 @@ class EngineConfig:
     on a GPU (model/kv_sizing.py). `max_model_len` None takes the model's context. A request
     without its own sink policy gets `attention_sinks` sinks and an `attention_window` recent
     window (None or 0: dense attention). Idle sessions given up under memory pressure move to
-    `session_memory` bytes of host blocks (scheduler/sessions.py).
+    `session_memory` bytes of host blocks (scheduler/sessions.py). Compiled grammars are cached
+    up to `grammar_cache_memory` bytes, and a request whose grammar mask takes longer than
+    `grammar_mask_timeout` seconds ends (scheduler/structured_output.py).
     """
 
     model: str | Path | None = None
@@ -42,3 +46,5 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None
     enforce_eager: bool = False
+    grammar_cache_memory: int = DEFAULT_GRAMMAR_CACHE_BYTES
+    grammar_mask_timeout: float = DEFAULT_GRAMMAR_MASK_TIMEOUT

@@ -26,3 +26,8 @@ class EngineStats:
     num_session_host_blocks_total: int = 0  # host blocks in the tier (--session-memory)
     num_sessions_swapped_out: int = 0  # sessions moved to the host tier
     num_sessions_swapped_in: int = 0  # sessions copied back from it instead of recomputed
+    num_grammars_compiled: int = 0  # grammars compiled (a cache hit compiles nothing)
+    num_grammars_cached: int = 0  # compiled grammars in the cache now
+    grammar_cache_bytes: int = 0  # what they hold (as measured when compiled)
+    num_grammar_errors: int = 0  # requests ended because their grammar gave up on a token
+    num_grammar_timeouts: int = 0  # requests ended because a mask of their grammar overran its budget

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from scheduler.request import FinishReason, Request
+from scheduler.request import FinishReason, GrammarOutcome, Request
 from scheduler.stop_strings import StopStringMatcher, automaton_for
 
 if TYPE_CHECKING:
@@ -94,12 +94,13 @@ class OutputProcessor:
         return state.prompt_logprobs
 
     def process_token(self, request: Request, token_id: int, logprob: TokenLogprob | None,
-                      grammar_complete: bool = False) -> RequestOutput:
+                      grammar: GrammarOutcome | None = None) -> RequestOutput:
         """Append a sampled token to the request, decide whether it finishes, and say what changed.
 
-        `grammar_complete`: the token completed the request's grammar, so it stops here (the
-        token is part of the output). A finishing request is marked finished here; the caller
-        frees its blocks.
+        `grammar`: the token completed the request's grammar (COMPLETE), so it stops here with
+        "stop", or the grammar gave up or overran its time (ERROR, TIMEOUT), so it ends here with
+        "grammar" unless something else ends it with this token; the token is part of the
+        output. A finishing request is marked finished here; the caller frees its blocks.
         """
         params = request.params
         state = self._states[request.request_id]
@@ -113,11 +114,14 @@ class OutputProcessor:
         request.append_token(token_id)
         finish, stop_reason = self._check_token(request, token_id)
         hide_token = finish is FinishReason.STOP and not params.include_stop_str_in_output
-        if grammar_complete and finish is not FinishReason.STOP:
+        if grammar is GrammarOutcome.COMPLETE and finish is not FinishReason.STOP:
             finish, stop_reason = FinishReason.STOP, None
+        elif grammar is not None and grammar is not GrammarOutcome.COMPLETE and finish is None:
+            finish, stop_reason = FinishReason.GRAMMAR, grammar.value
         delta = state.detokenizer.push([] if hide_token else [token_id])
         state.held += delta
         text = ""
+        stop_string = False  # a stop string ended it: the text after it is dropped
         if state.stop_matcher is not None:
             match = state.stop_matcher.feed(delta)  # one ending before min_tokens outputs does not count
             if (match is not None and finish is not FinishReason.STOP
@@ -126,13 +130,13 @@ class OutputProcessor:
                 start = len(state.held) - len(delta) + match.end - len(match.stop)
                 end = start + len(match.stop) if params.include_stop_str_in_output else start
                 text, state.held = state.held[:end], ""
-                finish, stop_reason = FinishReason.STOP, match.stop
+                finish, stop_reason, stop_string = FinishReason.STOP, match.stop, True
         if finish is None:
             # Hold back what could still be the start of a stop string.
             keep = state.stop_matcher.held_length if state.stop_matcher is not None else 0
             cut = len(state.held) - keep
             text, state.held = text + state.held[:cut], state.held[cut:]
-        elif not isinstance(stop_reason, str):
+        elif not stop_string:
             text += state.held + state.detokenizer.flush()
             state.held = ""
         out = RequestOutput(

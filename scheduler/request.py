@@ -22,6 +22,15 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # the client went away or asked
     TIMEOUT = "timeout"  # the request's deadline passed
     ERROR = "error"  # the server failed while computing it (the others go on)
+    GRAMMAR = "grammar"  # its grammar gave up or took too long (stop_reason says which)
+
+
+class GrammarOutcome(enum.Enum):
+    """What a sampled token did to a request's grammar, when it ends the request."""
+
+    COMPLETE = "complete"  # nothing but EOS may follow: the request finishes with "stop"
+    ERROR = "grammar_error"  # the matcher gave up (its lexer or parser ran past its limits)
+    TIMEOUT = "grammar_timeout"  # the step's mask took longer than the budget
 
 
 @dataclass(eq=False)
@@ -40,6 +49,7 @@ class Request:
     sink_policy: SinkPolicy | None = None  # StreamingLLM eviction; None: dense attention
     session_id: str | None = None  # keep the cache for the session's next request
     cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
+    tenant: str | None = None  # the API key (its id) whose share of idle-session memory its session uses
     index: int = 0  # which of the params.n completions of one prompt this is
     parent_id: str | None = None  # the request that prompt belongs to (None: this one)
     token_ids: list[int] = field(init=False)  # prompt + output

@@ -276,6 +276,7 @@ class Scheduler:
                 arrival_time=parent.arrival_time,
                 sink_policy=parent.sink_policy,
                 cache_salt=parent.cache_salt,
+                tenant=parent.tenant,
                 index=index,
                 parent_id=parent.request_id,
             )

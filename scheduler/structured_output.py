@@ -3,15 +3,20 @@
 A constrained request carries its grammar in `SamplingParams.grammar`: an llguidance grammar
 string, made by `json_schema_grammar`, `regex_grammar`, `choice_grammar` or `lark_grammar`.
 Each distinct grammar is compiled once into a matcher (Earley parser plus lazily built lexer)
-and kept in a bounded LRU cache; each request gets a copy of it, which follows the tokens the
-request samples.
+and kept in a cache bounded by entries and bytes, shared fairly between API keys
+(scheduler/grammar_cache.py); each request gets a copy of it, which follows the tokens the
+request samples. The server compiles a grammar only after it has compiled, in a sandbox
+process, within a time, memory and stack bound (server/grammar_compiler.py).
 
 Per step, `start_masks` fills the bitmask of the step's constrained rows in a worker thread
-(llguidance drops the GIL) while the model runs the forward pass; the runner waits for it just
-before sampling and sets every token outside the grammar to -inf. Rows without a grammar are
-left alone, so constrained and unconstrained requests share one batch. When a grammar is
-complete (no token but EOS could follow), the request finishes at once with finish reason
-"stop"; when `max_tokens` cuts it first, the reason is "length".
+(llguidance drops the GIL), one row after another, while the model runs the forward pass; the
+runner waits for it just before sampling and sets every token outside the grammar to -inf. Rows
+without a grammar are left alone, so constrained and unconstrained requests share one batch.
+When a grammar is complete (no token but EOS could follow), the request finishes at once with
+finish reason "stop"; when `max_tokens` cuts it first, the reason is "length". A grammar that
+gives up on a token (its lexer or Earley parser past its limits), or whose mask took longer
+than `mask_timeout`, ends its request alone with finish reason "grammar" (stop_reason
+"grammar_error" or "grammar_timeout"; the server shows it as OpenAI's "length").
 
 llguidance was chosen over xgrammar, the other engine vLLM and SGLang use (measured side by side
 on SmolLM2's vocabulary, BENCHMARKS.md "Structured output"): it depends on nothing, where
@@ -25,25 +30,30 @@ milliseconds on a CPU), so that difference is hidden.
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections import OrderedDict
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llguidance
 import llguidance.torch
 import torch
 
 from model.tokenizer import Tokenizer
+from scheduler.grammar_cache import GrammarCache
+from scheduler.grammar_vocab import (DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_MASK_TIMEOUT, MAX_GRAMMAR_CHARS,
+                                     PARSER_LIMITS, GrammarVocab)
+from scheduler.request import GrammarOutcome
+
+logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 256
-# llguidance's defaults but a fifth of the lexer fuel: a grammar's first mask (its lexer built)
-# takes at most some 20 ms, a later one some 3 ms, before the grammar is refused.
-PARSER_LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=200_000, step_lexer_fuel=40_000)
-# A grammar's source (a JSON schema, a regex, a Lark grammar, choices) is at most this long.
-MAX_GRAMMAR_CHARS = 256 * 1024
+# What a grammar compiled without a measurement (the offline API; the server measures each in
+# its sandbox) is taken to hold.
+UNMEASURED_GRAMMAR_BYTES = 256 * 2**10
 
 
 # JSON is written as json.dumps writes it (", " and ": ", no other whitespace): one layout
@@ -90,6 +100,7 @@ class _Masks:
     rows: list[int]  # sampling rows that have a grammar
     bitmask: torch.Tensor  # [len(rows), ceil(V / 32)] int32, bit t of a row: token t is allowed
     done: Future
+    overran: list[int] = field(default_factory=list)  # rows whose mask took longer than the budget
 
     def wait(self) -> tuple[list[int], torch.Tensor]:
         self.done.result()
@@ -104,58 +115,74 @@ class StructuredOutput:
     """The engine's grammars: compiled matchers (cached), and one live matcher per request."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int],
-                 max_cached: int = MAX_CACHED_GRAMMARS):
+                 max_cached: int = MAX_CACHED_GRAMMARS, max_cached_bytes: int = DEFAULT_GRAMMAR_CACHE_BYTES,
+                 mask_timeout: float = DEFAULT_GRAMMAR_MASK_TIMEOUT):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size  # the model's (it may pad the tokenizer's)
         self.eos_token_ids = list(eos_token_ids)  # any of them ends a complete grammar
-        self.max_cached = max_cached
+        self.mask_timeout = mask_timeout
+        self.cache: GrammarCache[llguidance.LLMatcher] = GrammarCache(max_cached, max_cached_bytes)
+        self._vocab: GrammarVocab | None = None
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._lock = threading.Lock()  # compile() runs in server worker threads
+        self._lock = threading.Lock()
         self._matchers: dict[str, llguidance.LLMatcher] = {}
         self._worker: ThreadPoolExecutor | None = None
-        self._executor: llguidance.LLExecutor | None = None
         self.num_compiled = 0
+        self.num_mask_timeouts = 0
+        self.num_grammar_errors = 0
+
+    @property
+    def vocab(self) -> GrammarVocab:
+        """What llguidance reads of the tokenizer (built on first use: some 0.1 s for 49k tokens)."""
+        with self._lock:
+            if self._vocab is None:
+                self._vocab = GrammarVocab.of(self.tokenizer)
+            return self._vocab
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
-        """Built on first use (some 0.1 s for a 49k vocabulary)."""
-        with self._lock:
-            if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.LLTokenizer(
-                    llguidance.TokenizerWrapper(_TokenizerView(self.tokenizer)), n_vocab=self.vocab_size,
-                    eos_token=self.eos_token_ids or None)
-            return self._ll_tokenizer
+        if self._ll_tokenizer is None:
+            vocab = self.vocab
+            with self._lock:
+                if self._ll_tokenizer is None:
+                    self._ll_tokenizer = llguidance.LLTokenizer(
+                        llguidance.TokenizerWrapper(vocab), n_vocab=self.vocab_size,
+                        eos_token=self.eos_token_ids or None)
+        return self._ll_tokenizer
 
-    def compile(self, grammar: str, salt: str | None = None) -> llguidance.LLMatcher:
-        """The compiled matcher of a grammar (cached per `salt`, the request's prefix-cache salt,
-        so that one API key can neither time nor wear out another's grammars); raises
-        GrammarError if it does not compile, or fails on its first mask (a regex too complex
-        for the lexer, a choice of too many items): that work is done here, in the caller's
-        thread, and shared by every copy."""
+    def cached(self, grammar: str, salt: str | None = None) -> llguidance.LLMatcher | None:
+        return self.cache.get((salt, grammar))
+
+    def compile(self, grammar: str, salt: str | None = None, tenant: str | None = None,
+                num_bytes: int | None = None) -> llguidance.LLMatcher:
+        """The compiled matcher of a grammar, cached per `salt` (the request's prefix-cache salt,
+        so that one API key can neither time nor wear out another's grammars) in `tenant`'s
+        share of the cache (its API key's; `num_bytes`: what the grammar measured in the
+        server's sandbox). Raises GrammarError if it does not compile, or fails on its first
+        mask (a regex too complex for the lexer, a choice of too many items): that work is done
+        here, in the caller's thread, and shared by every copy. The server tries a grammar in a
+        sandbox process first (server/grammar_compiler.py); this compiles whatever it is given."""
         if len(grammar) > MAX_GRAMMAR_CHARS:
             raise GrammarError(f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters")
-        key = (salt, grammar)
-        with self._lock:
-            matcher = self._compiled.get(key)
-            if matcher is not None:
-                self._compiled.move_to_end(key)
-                return matcher
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=PARSER_LIMITS)
+        matcher = self.cached(grammar, salt)
+        if matcher is not None:
+            return matcher
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0,
+                                       limits=llguidance.LLParserLimits(**PARSER_LIMITS))
         if not matcher.is_error():
             matcher.compute_bitmask()
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         with self._lock:
             self.num_compiled += 1
-            self._compiled[key] = matcher
-            while len(self._compiled) > self.max_cached:
-                self._compiled.popitem(last=False)
+        self.cache.put((salt, grammar), matcher, tenant, num_bytes or UNMEASURED_GRAMMAR_BYTES)
         return matcher
 
-    def add(self, request_id: str, grammar: str, salt: str | None = None) -> None:
-        """Start a request's matcher at the beginning of its grammar."""
-        self._matchers[request_id] = self.compile(grammar, salt).deep_copy()
+    def add(self, request_id: str, grammar: str, salt: str | None = None,
+            compiled: llguidance.LLMatcher | None = None) -> None:
+        """Start a request's matcher at the beginning of its grammar (`compiled`: the server's,
+        compiled before the request was admitted; else compiled, or found in the cache, here)."""
+        self._matchers[request_id] = (compiled or self.compile(grammar, salt)).deep_copy()
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """A completion forked from `parent_id` before either sampled: the same grammar state."""
@@ -174,65 +201,40 @@ class StructuredOutput:
             return None
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="sinkserve-grammar")
-            self._executor = llguidance.LLExecutor()
         bitmask = torch.empty(llguidance.torch.get_bitmask_shape(len(rows), self.vocab_size), dtype=torch.int32)
-        matchers = [(self._matchers[request_ids[row]], i) for i, row in enumerate(rows)]
-        done = self._worker.submit(llguidance.torch.fill_next_token_bitmask_par, self._executor, matchers, bitmask)
-        return _Masks(rows, bitmask, done)
+        matchers = [self._matchers[request_ids[row]] for row in rows]
+        overran: list[int] = []
+        done = self._worker.submit(self._fill, matchers, rows, bitmask, overran)
+        return _Masks(rows, bitmask, done, overran)
 
-    def accept(self, request_id: str, token_id: int) -> bool:
-        """Advance a request's matcher by its sampled token; True when its grammar is complete
-        (nothing may follow). Raises GrammarError if the token does not fit (a broken mask)."""
+    def _fill(self, matchers: list[llguidance.LLMatcher], rows: list[int], bitmask: torch.Tensor,
+              overran: list[int]) -> None:
+        """Fill the rows one by one (llguidance drops the GIL), timing each in this thread's CPU
+        time (a busy machine that leaves the thread waiting is not the grammar's doing): a row
+        over the budget has its request ended after this step, which its mask still serves."""
+        for i, matcher in enumerate(matchers):
+            start = time.thread_time()
+            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+            if time.thread_time() - start > self.mask_timeout:
+                overran.append(rows[i])
+
+    def accept(self, request_id: str, token_id: int, overran: bool = False) -> GrammarOutcome | None:
+        """Advance a request's matcher by its sampled token. The outcome that ends the request:
+        COMPLETE when nothing may follow, ERROR when the matcher gave up on the
+        token (its lexer or parser ran past its limits; logged), TIMEOUT when this
+        step's mask took longer than the budget (`overran`); None: it goes on."""
         matcher = self._matchers.get(request_id)
         if matcher is None:
-            return False
+            return None
         if not matcher.consume_token(token_id):
-            raise GrammarError(f"token {token_id} does not fit the grammar: {matcher.get_error()}")
-        return matcher.is_stopped()
-
-
-class _TokenizerView:
-    """What llguidance reads of a tokenizer: each token's bytes, EOS, and an encoder."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.bos_token_id = tokenizer.bos_token_id
-        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-        # Special tokens are never text to a grammar: the detokenizer skips them, so a grammar
-        # that took `<repo_name>` for its text would see characters the output lacks. Tokens
-        # without bytes (control, padding) are special too.
-        is_special = getattr(tokenizer, "is_special", lambda i: False)
-        named = {tokenizer.bos_token_id, tokenizer.eos_token_id, *tokenizer.end_of_generation_ids}
-        self.special_token_ids = sorted({i for i in named if i is not None}
-                                        | {i for i, raw in enumerate(self.tokens) if not raw or is_special(i)})
-        self._tokenizer = tokenizer
-        self._by_bytes: dict[bytes, int] | None = None  # built when first needed
-        self._longest = 1
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        """Tokens whose bytes are exactly `text` (llguidance forces text a grammar fixes with
-        them): the tokenizer's own encoding when it is exact, else the longest tokens first. A
-        SentencePiece tokenizer prefixes a space (`{` becomes `▁`, `{`), which a grammar that
-        must begin with `{` would then refuse."""
-        raw = text if isinstance(text, bytes) else text.encode("utf-8")
-        ids = self._tokenizer.encode_text(raw.decode("utf-8", errors="replace"))
-        if b"".join(self.tokens[i] for i in ids) == raw:
-            return ids
-        return self._longest_first(raw)
-
-    def _longest_first(self, raw: bytes) -> list[int]:
-        if self._by_bytes is None:
-            special = set(self.special_token_ids)
-            self._by_bytes = {b: i for i, b in enumerate(self.tokens) if b and i not in special}
-            self._longest = max(map(len, self._by_bytes), default=1)
-        ids, start = [], 0
-        while start < len(raw):
-            for end in range(min(len(raw), start + self._longest), start, -1):
-                token = self._by_bytes.get(raw[start:end])
-                if token is not None:
-                    ids.append(token)
-                    start = end
-                    break
-            else:  # a byte no token holds alone: nothing can write it
-                raise GrammarError(f"no token writes the byte {raw[start]:#04x}")
-        return ids
+            self.num_grammar_errors += 1
+            logger.warning("request %s: its grammar gave up at token %d: %s", request_id, token_id,
+                           matcher.get_error()[:500])
+            return GrammarOutcome.ERROR
+        if matcher.is_stopped():
+            return GrammarOutcome.COMPLETE
+        if overran:
+            self.num_mask_timeouts += 1
+            logger.warning("request %s: a mask of its grammar took longer than %.3f s", request_id, self.mask_timeout)
+            return GrammarOutcome.TIMEOUT
+        return None

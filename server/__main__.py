@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +20,11 @@ from typing import TYPE_CHECKING
 # and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
 from model.model_path import INSTALLED_MODELS
 from model.threads import THREADS_HELP, default_threads
-from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
+                             DEFAULT_GRAMMAR_MASK_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
                              DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT_TOKENS,
-                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL)
+                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL,
+                             SERVER_THREAD_STACK_BYTES)
 from server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -135,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB of memory for stored responses' text at most (an estimate)")
     g.add_argument("--max-chain-tokens", type=positive(int), default=DEFAULT_MAX_CHAIN_TOKENS,
                    help="tokens a response chain's conversation may have at most (400 past it)")
+
+    g = p.add_argument_group("structured output", "grammars (response_format, structured_outputs, tool_choice)")
+    g.add_argument("--grammar-compile-timeout", type=positive(float), default=DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
+                   help="seconds a new grammar may take to compile (in a sandbox process) before it is refused "
+                        "with 400")
+    g.add_argument("--grammar-mask-timeout", type=positive(float), default=DEFAULT_GRAMMAR_MASK_TIMEOUT,
+                   help="seconds of CPU time one step's grammar mask of a request may take; past it the request ends with "
+                        "finish_reason 'length' and stop_reason 'grammar_timeout'")
+    g.add_argument("--grammar-cache-memory", type=positive(float), default=DEFAULT_GRAMMAR_CACHE_BYTES / 2**30,
+                   help="GiB of compiled grammars kept for reuse at most, shared fairly between API keys")
 
     g = p.add_argument_group("server", "HTTP: address, connections, timeouts")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every IPv4 interface)")
@@ -279,7 +292,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         session_ttl=args.session_ttl, session_memory=int(args.session_memory * 2**30),
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
         load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, grammar_cache_memory=int(args.grammar_cache_memory * 2**30),
+        grammar_mask_timeout=args.grammar_mask_timeout,
     )
 
 
@@ -301,6 +315,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
         shared_prefix_cache=args.shared_prefix_cache, tool_call_parser=args.tool_call_parser,
+        grammar_compile_timeout=args.grammar_compile_timeout,
         response_store=ResponseStore(args.max_stored_responses, args.response_ttl,
                                      int(args.response_store_memory * 2**30), args.max_chain_tokens),
     )
@@ -314,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sinkserve: error: cannot listen on {address}:{args.port}: {error}", file=sys.stderr)
         raise SystemExit(1)
 
+    # Every thread the server starts from here on (the engine's, the request workers', the
+    # grammar masks') gets this stack: several times a grammar sandbox's (server/grammar_compiler.py).
+    threading.stack_size(SERVER_THREAD_STACK_BYTES)
     import torch
     import uvicorn
 

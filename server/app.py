@@ -48,9 +48,11 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state.engine.start()
+        state.grammar_compiler.start()  # its sandbox processes, in the background
         try:
             yield
         finally:
+            await state.grammar_compiler.stop()
             state.engine.stop()
 
     app = FastAPI(title="sinkserve", lifespan=lifespan)

@@ -30,6 +30,7 @@ from scheduler.engine import Engine
 from scheduler.engine_stats import EngineStats
 from scheduler.output_processor import RequestOutput
 from scheduler.sink_policy import SinkPolicy
+from scheduler.structured_output import StructuredOutput
 from server.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -133,9 +134,11 @@ class AsyncEngine:
         """Engine.check_prompt: ValueError (PromptTooLongError) if the request cannot be served."""
         self.engine.check_prompt(token_ids, params, policy)
 
-    def compile_grammar(self, grammar: str, salt: str | None) -> None:
-        """StructuredOutput.compile, from a worker thread: GrammarError if it does not compile."""
-        self.engine.structured_output.compile(grammar, salt)
+    @property
+    def structured_output(self) -> StructuredOutput:
+        """The engine's grammars (compiled by the server's GrammarCompiler, then handed to
+        `generate` with the request)."""
+        return self.engine.structured_output
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -233,7 +236,7 @@ class AsyncEngine:
                     calls, self._calls = self._calls, []
                 self._expire_sessions()
                 for fn, future in calls:
-                    self._loop.call_soon_threadsafe(_settle, future, *_run(fn, self.engine))
+                    self._loop.call_soon_threadsafe(settle, future, *_run(fn, self.engine))
                 outputs: list[RequestOutput | tuple[str, BaseException]] = []
                 for add in adds:
                     try:
@@ -298,7 +301,7 @@ class AsyncEngine:
         for stream in self._streams.values():
             stream.queue.put_nowait(error)
         for _, future in self._calls:
-            _settle(future, None, error)
+            settle(future, None, error)
 
 
 def _name_os_thread(name: str) -> None:
@@ -315,7 +318,8 @@ def _run(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, BaseExceptio
         return None, exc
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Give a future its result or error, unless it has one already (cancelled)."""
     if future.done():
         return
     if error is not None:

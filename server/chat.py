@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from server.chat_template import ChatTemplateError, ToolsNotRenderedError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
+from server.request_text import chat_text_sizes, check_text_sizes
 from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, chat_logprobs,
                             check_logprob_volume, check_prompt, check_stream_options, engine_options, guarded,
                             json_response, logprobs_of_text, openai_finish, output_budget, prompt_logprobs_list,
@@ -22,13 +23,12 @@ from server.structured_outputs import output_grammar
 from server.tools import ToolCallStream, parses_calls, reply_message, template_message, template_tools, tool_grammar
 
 
-async def chat_prompt(state: ServerState, body, windowed: bool = True) -> list[int]:
-    """The rendered and tokenized messages and tools (in a worker thread)."""
+async def chat_prompt(state: ServerState, body) -> list[int]:
+    """The rendered and tokenized messages and tools (in a worker thread; their size is
+    checked before: check_chat_text)."""
 
     def render() -> list[int]:
         messages = [template_message(m) for m in body.messages]
-        for message in messages:
-            state.check_text_length(message["content"], windowed, "messages")
         tools = template_tools(body) if isinstance(body, ChatCompletionRequest) else None
         try:
             return state.chat_template.encode(messages, body.add_generation_prompt, tools)
@@ -53,12 +53,16 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                             "not scored again", param="prompt_logprobs")
     max_tokens = output_budget(state, body, body.max_completion_tokens or body.max_tokens)
     windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    await run_in_threadpool(lambda: check_text_sizes(state.max_text_bytes, state.max_model_len,
+                                                     chat_text_sizes(body), windowed, evictable="messages"))
     state.check_capacity(body.n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
     forced_calls = lambda: tool_grammar(state.tool_parser, body)  # noqa: E731
-    params = replace(params, grammar=await output_grammar(state, body, options["cache_salt"], forced_calls))
-    prompt = await chat_prompt(state, body, windowed)
+    grammar, options["compiled_grammar"] = await output_grammar(state, body, options["cache_salt"], options["tenant"],
+                                                                forced_calls)
+    params = replace(params, grammar=grammar)
+    prompt = await chat_prompt(state, body)
     await run_in_threadpool(check_prompt, state, prompt, params, options, "messages")
     check_logprob_volume(state, params, [len(prompt)])
     state.check_capacity(body.n)
@@ -90,7 +94,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
             cached = out.num_cached_tokens if out.index == 0 else cached
 
     def choice(i: int) -> dict:
-        if isinstance(stop_reasons[i], str) and not job.params.include_stop_str_in_output:
+        if finish[i] == "stop" and isinstance(stop_reasons[i], str) and not job.params.include_stop_str_in_output:
             entries[i] = logprobs_of_text(state.tokenizer, entries[i], texts[i])
         message, called = reply_message(state.tool_parser, body, texts[i])
         return {"index": i, "message": message,
@@ -141,7 +145,8 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
             extra = {"usage": counter.usage()}
         if body.logprobs and out.logprobs:
             pending[out.index] += out.logprobs
-        if out.finished and isinstance(out.stop_reason, str) and not job.params.include_stop_str_in_output:
+        stopped_by_string = out.finish_reason == "stop" and isinstance(out.stop_reason, str)
+        if out.finished and stopped_by_string and not job.params.include_stop_str_in_output:
             pending[out.index] = logprobs_of_text(state.tokenizer, pending[out.index], out.text)
         text, tool_calls = out.text, []
         stream = calls[out.index]

@@ -129,7 +129,7 @@ class ChatTemplate:
                                    tools=tools or None, **self.special_tokens)
         except ChatTemplateError:
             raise
-        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError, RecursionError) as exc:
             # What a template does with the request's messages is the request's problem: a 400.
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 

@@ -73,7 +73,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         raise APIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) cannot be combined with a "
                             "session: the session's cached tokens are not scored again", param="echo")
     params = sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
-    params = replace(params, grammar=await output_grammar(state, body, options["cache_salt"]))
+    grammar, options["compiled_grammar"] = await output_grammar(state, body, options["cache_salt"], options["tenant"])
+    params = replace(params, grammar=grammar)
 
     def prepare() -> tuple[list[list[int]], list[str]]:
         prompts, texts = _prompts(state, body.prompt, windowed)

@@ -1,11 +1,14 @@
 """Defaults of the `sinkserve` command-line flags that the server's modules use as well.
 
-Standard library only: `python -m server --help` and argument parsing read these without
-importing torch, uvicorn or the app (server/__main__.py imports those after parsing). The
-modules that use a default import it from here (server.app.DEFAULT_MAX_BODY_BYTES etc. still work).
+Standard library only (and scheduler/grammar_vocab.py's constants, which import nothing else):
+`python -m server --help` and argument parsing read these without importing torch, uvicorn or
+the app (server/__main__.py imports those after parsing). The modules that use a default import
+it from here (server.app.DEFAULT_MAX_BODY_BYTES etc. still work).
 """
 
 from __future__ import annotations
+
+from scheduler.grammar_vocab import DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_MASK_TIMEOUT  # noqa: F401
 
 # --max-request-body-bytes (server/app.py).
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
@@ -35,3 +38,13 @@ DEFAULT_MAX_CHAIN_TOKENS = 262_144
 # ask for (its context never fills up).
 DEFAULT_MAX_OUTPUT_TOKENS = 65536
 
+
+# --grammar-compile-timeout (server/grammar_compiler.py): a JSON schema compiles in about a
+# millisecond and a grammar of 128 tools in 66 ms; one that takes seconds is an attack or a
+# mistake. --grammar-mask-timeout and --grammar-cache-memory are the engine's
+# (scheduler/grammar_vocab.py: torch-free too).
+DEFAULT_GRAMMAR_COMPILE_TIMEOUT = 3.0
+
+# The stack of every thread of the server process: eight times a grammar sandbox's (2 MiB,
+# server/grammar_worker.py), so that a grammar its sandbox survives the server survives.
+SERVER_THREAD_STACK_BYTES = 16 * 2**20

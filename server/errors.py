@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.tokenizer import replace_lone_surrogates
+
 logger = logging.getLogger(__name__)
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
 
@@ -23,8 +25,15 @@ class APIError(Exception):
         self.headers = headers
 
 
+def utf8_safe(text: str) -> str:
+    """Text that encodes as UTF-8: a lone UTF-16 surrogate (JSON's "\\ud800", from a client or a
+    model's tool call) becomes U+FFFD. Every JSON body and event the server writes goes through
+    this (O(1) for ASCII text)."""
+    return text if text.isascii() else replace_lone_surrogates(text)
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": utf8_safe(message), "type": type, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error",

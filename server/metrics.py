@@ -61,6 +61,16 @@ class _EngineCollector:
                             stats.num_sessions_swapped_out)
         yield self._counter("sinkserve_sessions_swapped_in", "Sessions copied back from host memory.",
                             stats.num_sessions_swapped_in)
+        yield self._counter("sinkserve_grammars_compiled", "Grammars compiled (cache misses).",
+                            stats.num_grammars_compiled)
+        yield self._gauge("sinkserve_grammar_cache_entries", "Compiled grammars kept for reuse.",
+                          stats.num_grammars_cached)
+        yield self._gauge("sinkserve_grammar_cache_bytes", "Memory of the compiled grammars kept, as measured.",
+                          stats.grammar_cache_bytes)
+        yield self._counter("sinkserve_grammar_errors", "Requests ended because their grammar gave up on a token.",
+                            stats.num_grammar_errors)
+        yield self._counter("sinkserve_grammar_timeouts", "Requests ended because a grammar mask overran its budget.",
+                            stats.num_grammar_timeouts)
 
 
 class Metrics:

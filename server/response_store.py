@@ -7,9 +7,11 @@ its root. Every response of a chain shares one `Chain`, which names the engine s
 cache between turns) that the chain's turns run under.
 
 Bounds: at most `max_responses` responses are kept by id, and `max_bytes` of their text (an
-estimate of the Python objects' memory); past either, the least recently used response (stored,
-retrieved or continued least recently) is forgotten first, and a response unused for `ttl`
-seconds is forgotten too. A forgotten response cannot be retrieved, deleted or continued (404),
+estimate of the Python objects' memory); past either, the API key holding the largest share of
+the store (its responses over `max_responses`, or its bytes over `max_bytes`, whichever is
+larger) forgets its least recently used response (stored, retrieved or continued least
+recently) first, so that a key never loses a response to another key's flood while it holds
+less than that key; a response unused for `ttl` seconds is forgotten too. A forgotten response cannot be retrieved, deleted or continued (404),
 but the responses that continue it still hold its part of their history, so their chains go
 on: its memory is freed, and no longer counted, once no kept response needs it. A chain's
 session is ended when no response of the chain is kept any more (the caller ends it in the
@@ -93,9 +95,10 @@ class ResponseStore:
     clock: Callable[[], float] = time.monotonic
     _kept: OrderedDict[str, StoredResponse] = field(default_factory=OrderedDict)  # least recently used first
     # The same ids per API key (None: no keys), least recently used first: when the store is
-    # full, the key holding the most responses gives up its oldest, so that one key's flood
+    # full, the key holding the largest share gives up its oldest, so that one key's flood
     # cannot push out the others' chains.
     _by_tenant: dict[str | None, OrderedDict[str, None]] = field(default_factory=dict)
+    _tenant_bytes: dict[str | None, int] = field(default_factory=dict)  # alive bytes per key
     _lock: threading.Lock = field(default_factory=threading.Lock)
     num_bytes: int = 0  # of every response alive (kept, or needed by a kept one)
     num_alive: int = 0
@@ -131,13 +134,26 @@ class ResponseStore:
             node.chain.head_id = node.id
             ended = self._expire()
             while len(self._kept) > 1 and (len(self._kept) > self.max_responses or self.num_bytes > self.max_bytes):
-                victim = next(iter(max(self._by_tenant.values(), key=len)))
-                if victim == node.id:  # its key's only one: never the response just added
-                    victim = next(iter(self._kept))
-                oldest = self._kept[victim]
-                self._remove(oldest)
-                ended += self._forget(oldest)
+                victim = self._victim(spare=node.id)
+                self._remove(victim)
+                ended += self._forget(victim)
             return ended
+
+    def tenant_bytes(self, tenant: str | None) -> int:
+        """The bytes of a key's responses alive (kept, or needed by a kept one)."""
+        return self._tenant_bytes.get(tenant, 0)
+
+    def _victim(self, spare: str) -> StoredResponse:
+        """The least recently used response of the key with the largest share of the store
+        (never `spare`, the response just added; the store keeps another one)."""
+        def load(tenant: str | None) -> float:
+            return max(len(self._by_tenant[tenant]) / self.max_responses, self.tenant_bytes(tenant) / self.max_bytes)
+
+        for tenant in sorted(self._by_tenant, key=load, reverse=True):
+            for response_id in self._by_tenant[tenant]:
+                if response_id != spare:
+                    return self._kept[response_id]
+        raise AssertionError("a full store keeps a response besides the one just added")
 
     def delete(self, response_id: str, tenant: str | None) -> tuple[bool, list[str]]:
         """Forget the tenant's response: (whether it was there, the sessions to end: its chain's
@@ -194,6 +210,7 @@ class ResponseStore:
             if node.refs > 1:
                 return  # alive already, and so are its ancestors
             self.num_bytes += node.size
+            self._tenant_bytes[node.tenant] = self.tenant_bytes(node.tenant) + node.size
             self.num_alive += 1
             node = node.parent
 
@@ -203,5 +220,8 @@ class ResponseStore:
             if node.refs:
                 return
             self.num_bytes -= node.size
+            self._tenant_bytes[node.tenant] -= node.size
+            if not self._tenant_bytes[node.tenant]:
+                del self._tenant_bytes[node.tenant]
             self.num_alive -= 1
             node = node.parent

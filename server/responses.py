@@ -33,9 +33,10 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 from scheduler.engine import PromptTooLongError
 from server.async_engine import EngineDeadError
 from server.chat_template import ChatTemplateError
-from server.errors import APIError
+from server.errors import APIError, utf8_safe
 from server.middleware import request_tenant
 from server.response_store import Chain, StoredResponse
+from server.request_text import check_text_sizes, utf8_size
 from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
 from server.serving import (Job, ServerState, cache_salt, check_prompt, engine_api_error, json_response,
                             run_prompts, session_key, until_disconnected)
@@ -117,7 +118,7 @@ async def create_response(state: ServerState, body: ResponseRequest, raw: Reques
     timeout = state.request_timeout
     options = {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
                "session_id": chain.session_id if chain is not None else None,
-               "cache_salt": cache_salt(state, raw, _NO_SALT),
+               "cache_salt": cache_salt(state, raw, _NO_SALT), "tenant": turn.tenant,
                "deadline": time.monotonic() + timeout if timeout else None}
     prompt = await run_in_threadpool(_prompt, state, turn, params, options, windowed)
     state.check_capacity()
@@ -161,10 +162,12 @@ def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: di
     body = turn.body
     system = [("system", body.instructions)] if body.instructions is not None else []
     new = [(role, text) for _, role, text in turn.input_items]
-    if not windowed:  # before tokenizing: text that cannot fit the context at all
-        checked = new if body.truncation == "disabled" else new[-1:]
-        for _, text in system + checked:
-            state.check_text_length(text, windowed, "input")
+    # Before anything is rendered: text that cannot fit the context at all (under truncation
+    # "auto" only the last message has to; with a window, only the instructions).
+    checked = new if body.truncation == "disabled" else new[-1:]
+    check_text_sizes(state.max_text_bytes, state.max_model_len,
+                     {"instructions": utf8_size(body.instructions or ""),
+                      "input": sum(utf8_size(text) for _, text in checked)}, windowed, evictable="input")
     messages = (turn.previous.conversation() if turn.previous is not None else []) + new
 
     def encode(kept: list[tuple[str, str]]) -> list[int]:
@@ -316,7 +319,7 @@ async def _collect(state: ServerState, turn: _Turn) -> dict:
 
 def _event(kind: str, sequence_number: int, **fields) -> str:
     payload = {"type": kind, **fields, "sequence_number": sequence_number}
-    return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"event: {kind}\ndata: {utf8_safe(json.dumps(payload, ensure_ascii=False))}\n\n"
 
 
 async def _stream(state: ServerState, turn: _Turn) -> AsyncIterator[str]:

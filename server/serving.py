@@ -27,7 +27,8 @@ from scheduler.stop_strings import automaton_for
 from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat_template import ChatTemplate
 from server.tool_parsers import ToolParser, tool_parser
-from server.errors import APIError, sse_error
+from server.errors import APIError, sse_error, utf8_safe
+from server.grammar_compiler import DEFAULT_COMPILE_TIMEOUT, GrammarCompiler
 from server.metrics import Metrics
 from server.middleware import request_tenant
 from server.protocol import SESSION_ID_PATTERN, SamplingFields
@@ -70,6 +71,13 @@ class ServerState:
     # How model replies are read for tool calls (server/tool_parsers.py; "auto": the format the
     # chat template teaches).
     tool_call_parser: str = "auto"
+    # Seconds a grammar may take to compile in its sandbox (--grammar-compile-timeout).
+    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+
+    @functools.cached_property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles requests' grammars (sandboxes started on first use, or by the app at startup)."""
+        return GrammarCompiler(self.engine.structured_output, timeout=self.grammar_compile_timeout)
 
     @functools.cached_property
     def tool_parser(self) -> ToolParser:
@@ -95,11 +103,16 @@ class ServerState:
         """The longest token's UTF-8 bytes (at least 1)."""
         return max((len(self.tokenizer.token_bytes(i)) for i in range(self.tokenizer.vocab_size)), default=1) or 1
 
+    @property
+    def max_text_bytes(self) -> int:
+        """Bytes of text that the context can hold at most (server/request_text.py)."""
+        return self.max_model_len * self.max_token_bytes * _NORMALIZATION_SLACK
+
     def check_text_length(self, text: str, windowed: bool, param: str) -> None:
         """Refuse, before tokenizing it, a dense prompt whose text cannot fit the context."""
         if windowed:
             return
-        limit = self.max_model_len * self.max_token_bytes * _NORMALIZATION_SLACK
+        limit = self.max_text_bytes
         # UTF-8 takes at most 4 bytes a character: most texts need no encoding to be cleared.
         if len(text) * 4 > limit and (size := len(text.encode("utf-8", "surrogatepass"))) > limit:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
@@ -208,8 +221,8 @@ def cache_salt(state: ServerState, raw: Request, body: SamplingFields) -> str | 
 
 
 def engine_options(state: ServerState, body: SamplingFields, raw: Request) -> dict:
-    """Engine.add_request options of a request: its sink policy, session, cache salt and
-    deadline, checked."""
+    """Engine.add_request options of a request: its sink policy, session, cache salt, API key
+    (tenant) and deadline, checked."""
     session_id = None
     if body.session_id is not None:
         session_id = session_key(raw, body.session_id, "session_id")
@@ -223,7 +236,7 @@ def engine_options(state: ServerState, body: SamplingFields, raw: Request) -> di
         raise APIError(400, "session_id needs n = 1", param="n")
     timeout = body.request_timeout or state.request_timeout
     return {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
-            "session_id": session_id, "cache_salt": cache_salt(state, raw, body),
+            "session_id": session_id, "cache_salt": cache_salt(state, raw, body), "tenant": request_tenant(raw.scope),
             "deadline": time.monotonic() + timeout if timeout else None}
 
 
@@ -247,10 +260,13 @@ def check_prompt(state: ServerState, token_ids: list[int], params: SamplingParam
 
 def openai_finish(out: RequestOutput) -> tuple[str | None, int | str | None]:
     """(finish_reason, stop_reason) as OpenAI's clients know them: a request cut short by its
-    deadline or by the server is "length" (the reply is incomplete), and sinkserve's own reason
-    ("timeout", "abort") is in stop_reason, as vLLM puts its details there."""
+    deadline, by the server or by its grammar is "length" (the reply is incomplete), and
+    sinkserve's own reason ("timeout", "abort", "grammar_error", "grammar_timeout") is in
+    stop_reason, as vLLM puts its details there."""
     if out.finish_reason in ("timeout", "abort"):
         return "length", out.finish_reason
+    if out.finish_reason == "grammar":  # its grammar gave up or took too long: stop_reason says which
+        return "length", out.stop_reason
     return out.finish_reason, out.stop_reason
 
 
@@ -291,7 +307,7 @@ def _encode_json(payload) -> bytes:
             parts.append(json.dumps(value, ensure_ascii=False, allow_nan=False))
 
     encode(payload, 0)
-    return "".join(parts).encode()
+    return utf8_safe("".join(parts)).encode()
 
 
 def check_stream_options(body: SamplingFields) -> None:
@@ -502,7 +518,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {utf8_safe(json.dumps(payload, ensure_ascii=False))}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -63,6 +63,35 @@ def _object_members(text: str, start: int) -> tuple[dict[str, tuple[object, str]
     return members, end
 
 
+# Keywords whose values are JSON data, not schemas: a "$ref" inside them is data, left alone.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebased_refs(schema, root: str):
+    """A copy of a JSON schema whose local references ("#" and "#/...") point into it where it
+    now sits, at the pointer `root` of a larger document. Walked without recursion (a schema may
+    be nested as deeply as the request body's parser allows)."""
+    def rebase(value):
+        if isinstance(value, dict):
+            copy = dict(value)
+            ref = copy.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+                copy["$ref"] = root + ref[1:]
+            return copy
+        return list(value) if isinstance(value, list) else value
+
+    top = rebase(schema)
+    stack = [top]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, value in list(items):
+            if isinstance(value, (dict, list)) and not (isinstance(node, dict) and k in _DATA_KEYWORDS):
+                node[k] = rebase(value)
+                stack.append(node[k])
+    return top
+
+
 class ToolParser(ABC):
     """One tool-call format: a block of calls opens with `block_start`, holds one call (`call_separator` None) or
     calls separated by `call_separator`, and closes with `block_end`. A call is a JSON object with a string "name"
@@ -108,11 +137,14 @@ class ToolParser(ABC):
         if not tools:
             raise ValueError("a tool-call grammar needs at least one tool")
         key = self.arguments_keys[0]
+        # Each tool's parameters sit at /anyOf/i/properties/<key> of the call's schema: their own
+        # references ("#/$defs/...") are rebased there.
         schema = {"anyOf": [{"type": "object",
                              "properties": {"name": {"const": function["name"]},
-                                            key: function.get("parameters") or {"type": "object"}},
+                                            key: _rebased_refs(function.get("parameters") or {"type": "object"},
+                                                               f"#/anyOf/{i}/properties/{key}")},
                              "required": ["name", key], "additionalProperties": False}
-                            for function in (tool["function"] for tool in tools)]}
+                            for i, function in enumerate(tool["function"] for tool in tools)]}
         return f"{self._start_rule(parallel)}\ncall: %json {json.dumps(schema)}\n"
 
     @abstractmethod

@@ -19,6 +19,7 @@ import json
 import uuid
 
 from scheduler.structured_output import lark_grammar
+from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessage
 from server.tool_parsers import ToolCallDelta, ToolParser
 
@@ -116,4 +117,6 @@ def _arguments(text: str) -> dict | str:
         value = json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise APIError(400, "a tool call's arguments are nested too deeply", param="messages") from None
     return value if isinstance(value, dict) else text

@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -101,3 +103,48 @@ def rss_mb(pid: int) -> float:
     """The resident memory of a process, in MiB (/proc)."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+class Probe:
+    """Sends `request(client)` (True: answered as expected) every `interval` seconds in a thread
+    while an attack runs, with a client timeout of `timeout`: its latencies, and its failures
+    (the count; a timeout counts as one)."""
+
+    def __init__(self, request: Callable[[httpx.Client], bool], timeout: float, interval: float = 0.1,
+                 name: str = "probes"):
+        self.request, self.timeout, self.interval, self.name = request, timeout, interval, name
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                try:
+                    ok = self.request(client)
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    self.latencies.append(time.perf_counter() - start)
+                else:
+                    self.failures += 1
+                self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Probe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        worst = max(self.latencies, default=0) * 1000
+        return f"{len(self.latencies)} {self.name} answered (slowest {worst:.0f} ms), {self.failures} failed"
+
+
+def health_probe(server: ServerProcess) -> Probe:
+    """/health every 100 ms with a 2 s timeout."""
+    return Probe(lambda client: client.get(f"{server.url}/health").status_code == 200, timeout=2.0)

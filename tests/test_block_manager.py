@@ -437,3 +437,20 @@ def test_prefix_caching_disabled_never_hits():
     compute(bm, kv, "a", prompt, 0, 9)
     assert bm.start("b", prompt) == 0
     assert bm.prefix_cache_hits == 0
+
+
+def test_a_cut_back_cached_block_written_in_place_leaves_the_prefix_cache():
+    # A session's fork cut back into a cached full block, which stays cached while it is shared
+    # (the write would copy it); when the session lets go first, the write goes in place and the
+    # block must no longer be found under its old tokens.
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.start("session", [1, 2, 3, 4, 5])
+    assert bm.allocate_slots("session", 0, 5) == []
+    bm.commit("session", [1, 2, 3, 4, 5], 5)
+    bm.fork("session", "turn")
+    bm.truncate("turn", 2)  # the next prompt differs from its third token on
+    assert bm.start("probe", [1, 2, 3, 4, 9]) == 4  # still shared, still cached
+    bm.free("probe")
+    bm.free("session")
+    assert bm.allocate_slots("turn", 2, 3) == []  # in place: nobody else holds it
+    assert bm.start("later", [1, 2, 3, 4, 9]) == 0

@@ -20,8 +20,8 @@ from server import defaults
 from server.__main__ import build_parser, listen_error, parse_args
 from tests.conftest import REPO_ROOT
 
-GROUPS = ("model", "device", "memory", "scheduling", "StreamingLLM", "sessions", "responses", "server", "security",
-          "logging")
+GROUPS = ("model", "device", "memory", "scheduling", "StreamingLLM", "sessions", "responses", "structured output",
+          "server", "security", "logging")
 
 # Parses a few command lines and prints --help in a fresh interpreter, then reports what that imported.
 PARSE_SCRIPT = r"""
@@ -111,7 +111,8 @@ def test_the_defaults_are_the_documented_ones():
         "max_num_batched_tokens": 2048, "max_waiting_requests": 1024, "request_timeout": None,
         "attention_sinks": 4, "attention_window": None, "max_output_tokens": 65536, "session_ttl": 600.0,
         "session_memory": 1.0, "max_stored_responses": 10_000, "response_ttl": 86400.0,
-        "response_store_memory": 1.0, "max_chain_tokens": 262_144, "host": "127.0.0.1", "port": 8000,
+        "response_store_memory": 1.0, "max_chain_tokens": 262_144, "grammar_compile_timeout": 3.0,
+        "grammar_mask_timeout": 0.02, "grammar_cache_memory": 0.25, "host": "127.0.0.1", "port": 8000,
         "max_connections": 2048, "header_timeout": 30.0, "body_timeout": 60.0,
         "max_request_body_bytes": 16 * 2**20, "forwarded_allow_ips": None, "shutdown_timeout": 10.0,
         "api_key": None, "api_key_file": None, "rate_limit": None, "allowed_origins": None,

@@ -142,12 +142,12 @@ def test_a_fault_in_one_requests_output_fails_it_without_touching_the_batch(clea
     process_token = engine.output_processor.process_token
     calls = {"n": 0}
 
-    def faulty(request, token_id, entry, grammar_complete):
+    def faulty(request, token_id, entry, grammar):
         if request.request_id == "5":
             calls["n"] += 1
             if calls["n"] == 3:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return process_token(request, token_id, entry, grammar_complete)
+        return process_token(request, token_id, entry, grammar)
 
     monkeypatch.setattr(engine.output_processor, "process_token", faulty)
     tokens, reasons = _run(engine, prompts, [_greedy()] * 8)

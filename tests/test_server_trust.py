@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess, rss_mb
+from tests.server_process import ServerProcess, health_probe, rss_mb
 
 openai = pytest.importorskip("openai")
 
@@ -38,41 +38,6 @@ def post(server, path: str, body: dict, key: str = KEY_A, headers: dict | None =
                       headers={"Authorization": f"Bearer {key}", **(headers or {})})
 
 
-class HealthProbe:
-    """Probes /health every 100 ms with a 2 s timeout while a heavy request runs."""
-
-    def __init__(self, server):
-        self.server, self.latencies, self.failures = server, [], 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        with httpx.Client(timeout=2.0) as client:
-            while not self._stop.is_set():
-                start = time.perf_counter()
-                try:
-                    ok = client.get(f"{self.server.url}/health").status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    self.latencies.append(time.perf_counter() - start)
-                else:
-                    self.failures += 1
-                self._stop.wait(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> str:
-        worst = max(self.latencies, default=0) * 1000
-        return f"{len(self.latencies)} probes answered (slowest {worst:.0f} ms), {self.failures} failed"
-
-
 def error_of(response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -83,7 +48,7 @@ def error_of(response) -> dict:
 
 def test_a_prompt_list_is_capped_and_refused_without_stalling_the_server(keyed):
     before = rss_mb(keyed.process.pid)
-    with HealthProbe(keyed) as probe:
+    with health_probe(keyed) as probe:
         response = post(keyed, "/v1/completions", {"prompt": [[5]] * 400_000, "max_tokens": 1})
     print(f"\n400,000 prompts (1.6 MB): {response.status_code}; {probe.summary()}; "
           f"RSS {before:.0f} -> {rss_mb(keyed.process.pid):.0f} MB")
@@ -118,7 +83,7 @@ def test_tokenizing_and_large_responses_run_off_the_event_loop(keyed):
 
     # the two chats together fill the waiting queue (64) exactly, however they arrive
     threads = [threading.Thread(target=fn) for fn in (tokenize, tokenize, many_logprobs, many_logprobs)]
-    with HealthProbe(keyed) as probe:
+    with health_probe(keyed) as probe:
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -355,3 +320,123 @@ def test_head_probes_and_the_completions_context_error(keyed):
     error = error_of(response)
     assert error["code"] == "context_length_exceeded" and "prompt" in error["message"]
     assert "messages" not in error["message"]
+
+
+# -- the text a request brings, and what a model writes -----------------------------------------
+
+def test_every_text_a_request_brings_is_bounded_before_it_is_rendered(keyed, windowed):
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "x" * 115_000,
+                                               "parameters": {"type": "object"}}} for i in range(128)]
+    hello = [{"role": "user", "content": "hi"}]
+    before = rss_mb(keyed.process.pid)
+    with health_probe(keyed) as probe:
+        started = time.perf_counter()
+        responses = [post(keyed, "/v1/chat/completions", {"messages": hello, "tools": tools, "max_tokens": 1})
+                     for _ in range(3)]
+        seconds = (time.perf_counter() - started) / 3
+    after = rss_mb(keyed.process.pid)
+    print(f"\n3 x 128 tools of 115 KB (14.8 MB bodies): {[r.status_code for r in responses]}, {seconds:.2f} s each; "
+          f"RSS {before:.0f} -> {after:.0f} MB; {probe.summary()}")
+    for response in responses:
+        error = error_of(response)
+        assert response.status_code == 400 and error["param"] == "tools"
+        assert error["code"] == "context_length_exceeded"
+    assert probe.failures == 0 and after - before < 256
+    # tools sit before the window: past the context they are refused with a window too
+    response = post(windowed, "/v1/chat/completions", {"messages": hello, "tools": tools[:2], "max_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "tools"
+    # a tool message, a tool call's arguments and the Responses instructions count as well
+    big = "word " * 20_000
+    conversation = hello + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "tool_0", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": big}]
+    response = post(keyed, "/v1/chat/completions", {"messages": conversation, "max_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "messages"
+    conversation[1]["tool_calls"][0]["function"]["arguments"] = '{"a": "' + big + '"}'
+    conversation[2]["content"] = "sunny"
+    response = post(keyed, "/v1/chat/completions", {"messages": conversation, "max_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "messages"
+    response = post(windowed, "/v1/responses", {"input": "hi", "instructions": big, "max_output_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "instructions"
+    # what fits is served
+    response = post(keyed, "/v1/chat/completions", {"messages": hello, "tools": [
+        {"type": "function", "function": {"name": "f", "description": "A tool.", "parameters": {"type": "object"}}}],
+        "max_tokens": 1})
+    assert response.status_code == 200
+
+
+def test_deeply_nested_tool_call_arguments_are_a_400(keyed):
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    response = post(keyed, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "messages"
+    assert "nested too deeply" in error_of(response)["message"]
+
+
+def test_a_lone_surrogate_a_model_writes_into_a_tool_call_reaches_the_client_as_u_fffd(keyed):
+    # The output is forced to a call whose name is the JSON escape of a lone surrogate.
+    call = '<tool_call>[{"name": "\\ud800x", "arguments": {"q": "\\udfff"}}]</tool_call>'
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 80,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "structured_outputs": {"choice": [call]}}
+    plain = post(keyed, "/v1/chat/completions", body)
+    assert plain.status_code == 200, plain.text
+    message = plain.json()["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["name"] == "\ufffdx"
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"q": "\\udfff"}'  # JSON text, as written
+    streamed = post(keyed, "/v1/chat/completions", {**body, "stream": True})
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    chunks = sse_chunks(streamed)
+    names = [call["function"].get("name") for chunk in chunks for choice in chunk["choices"]
+             for call in (choice["delta"].get("tool_calls") or [])]
+    assert "\ufffdx" in names and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_lone_surrogates_anywhere_a_client_can_put_them_are_never_a_5xx(keyed, windowed):
+    bad = "x\ud800y\udfffz"
+    tool = {"type": "function", "function": {"name": "f", "description": bad, "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "description": bad}}}}}
+    chats = [
+        {"messages": [{"role": "user", "content": bad, "name": bad}]},
+        {"messages": [{"role": "system", "content": [{"type": "text", "text": bad}]},
+                      {"role": "user", "content": "hi"}], "stop": [bad], "user": bad, "cache_salt": bad},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "required"},
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": bad, "type": "function", "function": {"name": bad, "arguments": '{"q": "' + bad + '"}'}}]},
+                      {"role": "tool", "tool_call_id": bad, "content": bad}]},
+        {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"choice": [bad, "plain"]}},
+        {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": bad}},
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {
+            "name": "s", "schema": {"type": "object", "properties": {bad: {"type": "string"}}}}}},
+    ]
+    def post_escaped(server, path: str, body: dict) -> httpx.Response:
+        # JSON's "\ud800" escapes: valid JSON, not valid text
+        return httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=120,
+                          headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"})
+
+    statuses = []
+    for body in chats:
+        for stream in (False, True):
+            response = post_escaped(keyed, "/v1/chat/completions", {**body, "max_tokens": 4, "stream": stream})
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (body, response.text)
+            if stream and response.status_code == 200:
+                assert response.text.rstrip().endswith("data: [DONE]")
+            response.content.decode("utf-8")  # the body is UTF-8
+    for body in ({"input": bad, "instructions": bad, "metadata": {"k": bad}, "user": bad},
+                 {"input": [{"role": "user", "content": [{"type": "input_text", "text": bad}]}]}):
+        response = post_escaped(windowed, "/v1/responses", {**body, "max_output_tokens": 4})
+        statuses.append(response.status_code)
+        assert response.status_code < 500, response.text
+        if response.status_code == 200:
+            stored = httpx.get(f"{windowed.url}/v1/responses/{response.json()['id']}",
+                               headers={"Authorization": f"Bearer {KEY_A}"})
+            assert stored.status_code == 200 and "\\ud800" not in stored.text
+    print(f"\n{len(statuses)} requests with lone surrogates in every field: statuses {sorted(set(statuses))}")
+    assert httpx.get(f"{keyed.url}/health").status_code == 200

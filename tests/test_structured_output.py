@@ -207,5 +207,5 @@ def test_grammars_are_compiled_once_and_the_cache_is_bounded(engine):
     assert cache.compile(grammars[0]) is first and cache.num_compiled == 1
     for grammar in grammars[1:]:
         cache.compile(grammar)
-    assert cache.num_compiled == 3 and len(cache._compiled) == 2
+    assert cache.num_compiled == 3 and len(cache.cache) == 2
     assert cache.compile(grammars[0]) is not first and cache.num_compiled == 4  # it had been evicted

@@ -308,6 +308,30 @@ def test_grammar_has_nothing_outside_the_calls(tokenizer, fmt):
     assert not accepts(tokenizer, grammar, text + " Done.")
 
 
+@pytest.mark.parametrize("fmt", WRITE)
+def test_a_tools_own_schema_references_resolve_in_the_grammar(tokenizer, fmt):
+    # pydantic writes nested models as $defs and "#/$defs/..." references; "#" is the tool's schema
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {
+        "type": "null"}]}}, "required": ["x", "next"], "additionalProperties": False}
+    tools = [TOOLS[1], {"type": "function", "function": {"name": "route", "parameters": {
+        "type": "object", "$defs": {"Point": point, "Unit": {"enum": ["km", "mi"]}},
+        "properties": {"start": {"$ref": "#/$defs/Point"}, "unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["start", "unit"], "additionalProperties": False}}}]
+    grammar = tool_parser(fmt).grammar(tools, False)
+    good = '{"start": {"x": 1, "next": null}, "unit": "km"}'
+    assert accepts(tokenizer, grammar, WRITE[fmt]([("route", good)]))
+    assert not accepts(tokenizer, grammar, WRITE[fmt]([("route", good.replace('"km"', '"m"'))]))
+    # "#" inside a tool's schema is the tool's schema, not the grammar's: a start, then its arguments
+    nested = '{"start": {"x": 1, "next": {"start": {"x": 2, "next": null}, "unit": "mi"}}, "unit": "km"}'
+    assert accepts(tokenizer, grammar, WRITE[fmt]([("route", nested)]))
+    assert tools[1]["function"]["parameters"]["properties"]["start"] == {"$ref": "#/$defs/Point"}  # unchanged
+    # a "$ref" inside data (const, enum) is data
+    literal = [{"type": "function", "function": {"name": "echo", "parameters": {
+        "type": "object", "properties": {"v": {"const": {"$ref": "#/x"}}}, "required": ["v"]}}}]
+    grammar = tool_parser(fmt).grammar(literal, False)
+    assert accepts(tokenizer, grammar, WRITE[fmt]([("echo", '{"v": {"$ref": "#/x"}}')]))
+
+
 def test_grammar_needs_tools():
     with pytest.raises(ValueError):
         tool_parser("hermes").grammar([], False)
