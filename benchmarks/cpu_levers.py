@@ -33,6 +33,12 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
   every weight from memory: the GB/s PyTorch's one-row matmuls reach, and the tokens per second
   that allows with nothing else in the step.
 
+- `quantized`: each distinct projection shape and the LM head, at 1, 8, 64 and 256 rows, in
+  every weight format `model/quantization/formats.py` has (float32, bfloat16, int8 weight-only,
+  int8 W8A8, int4 in groups of 32 where the shape allows): what the quantized layers choose
+  between (they measure this again for themselves when a model loads). `--model smollm2` for
+  SmolLM2's shapes.
+
 `--only NAME[,NAME]` runs the named levers only.
 """
 
@@ -110,9 +116,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = dict(SHAPE_76M)
     if args.model:
-        from model.config import ModelConfig
+        from model.loader import model_config
+        from model.model_path import resolve_model_path
 
-        cfg = ModelConfig.from_pretrained(args.model)
+        cfg = model_config(resolve_model_path(args.model))
         args.vocab = cfg.vocab_size
         shape = dict(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
                      kv_heads=cfg.num_key_value_heads, intermediate=cfg.intermediate_size)
@@ -168,6 +175,22 @@ def main() -> None:
                     "matmul+softmax": manual,
                     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                 }, 20)
+
+        if wanted('quantized'):
+            from model.quantization.formats import Dense, Int4Groups, Int8Channels, Int8Dynamic
+
+            for rows_out, cols in layer_shapes + ((args.vocab, hidden),):
+                weight = torch.randn(rows_out, cols) * 0.02
+                formats = {"float32": Dense(weight), "bfloat16": Dense(weight.bfloat16()),
+                           "int8-weight": Int8Channels.from_float(weight), "int8 w8a8": Int8Dynamic.from_float(weight)}
+                if Int4Groups.takes((rows_out, cols), 32):
+                    formats["int4 g32"] = Int4Groups.from_float(weight, 32)
+                for batch in (1, 8, 64, 256):
+                    x = torch.randn(batch, cols)
+                    xb = x.bfloat16()
+                    compare(f"{rows_out}x{cols}", batch, {
+                        name: (lambda f=fmt: f.matmul(x)) if name == "float32" else (lambda f=fmt: f.matmul(xb))
+                        for name, fmt in formats.items()}, 10)
 
         if wanted('matmul'):
             weights = [[torch.randn(rows, cols) * 0.02 for rows, cols in layer_shapes]

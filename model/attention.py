@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model import kv_quant
+
 
 
 @dataclass
@@ -151,10 +153,13 @@ def group_by_length(lengths: list[int], max_padding: float = 0.25, min_group: in
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new k, v [T, num_kv_heads, head_dim] at their pool slots."""
-    num_kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Store new k, v [T, num_kv_heads, head_dim] at their pool slots (an int8 pool: quantized
+    per token and head, model/kv_quant.py)."""
+    if kv_quant.is_quantized(k_cache):
+        k, v = kv_quant.quantize(k), kv_quant.quantize(v)  # [T, Hkv, D + 2] int8
+    num_kv_heads, row = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, v)
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -263,8 +268,10 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
     num_seqs, num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_blocks(k_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D]
-    values = gather_blocks(v_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D]
+    keys = gather_blocks(k_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D] (int8 pool: D + 2)
+    values = gather_blocks(v_cache, block_ids).transpose(1, 2)
+    if kv_quant.is_quantized(k_cache):
+        keys, values = kv_quant.dequantize(keys, q.dtype), kv_quant.dequantize(values, q.dtype)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
     q_rows = _grouped(q, num_kv_heads)  # [B, Hkv, Q*G, D]
     if q_sink is not None and max_sink_len:

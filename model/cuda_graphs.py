@@ -49,7 +49,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.sizes = batch_size_ladder(max_num_seqs)
-        device = model.lm_head.weight.device
+        device = model.model.embed_tokens.weight.device
         max_batch = self.sizes[-1]
         # A sequence's slots reach past max_model_len by its sink gap (< one block).
         self.max_blocks = -(-max_model_len // block_size) + 1

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig, RopeConfig
+from model.quantization.weights import GroupCodes
 from model.rotary import rope_inv_freq
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
@@ -133,14 +134,27 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     )
 
 
-def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig, keep_codes: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor | GroupCodes]]:
     """Every tensor of the file as (Hugging Face name, float32 tensor in HF's shape and layout).
 
     All names are checked before any tensor data is read. `rope_freqs.weight` comes out as
-    the inverse frequencies it gives, named `model.rotary.inv_freq`.
+    the inverse frequencies it gives, named `model.rotary.inv_freq`. With `keep_codes`, the
+    projection weights stored as Q4_0, Q4_1 or Q8_0 come as their own codes (`GroupCodes`),
+    for layers that keep them (model/quantization/).
     """
     hf_names = [_hf_name(tensor.name) for tensor in reader.tensors]
     for tensor, name in zip(reader.tensors, hf_names):
+        if keep_codes and tensor.tensor_type in _GROUP_CODES and name.endswith("_proj.weight"):
+            codes = _GROUP_CODES[tensor.tensor_type](tensor)
+            if name.endswith(".q_proj.weight"):
+                codes = codes.rows(_rope_row_order(codes.shape[0], config.num_attention_heads, config.head_dim,
+                                                   tensor.name))
+            elif name.endswith(".k_proj.weight"):
+                codes = codes.rows(_rope_row_order(codes.shape[0], config.num_key_value_heads, config.head_dim,
+                                                   tensor.name))
+            yield name, codes
+            continue
         weight = _dequantize(tensor)
         if tensor.name == ROPE_FREQS:
             if tuple(weight.shape) != (config.head_dim // 2,):
@@ -267,6 +281,44 @@ _TORCH_DEQUANTIZE = {
     gguf.GGMLQuantizationType.Q4_0: _dequantize_q4_0,
     gguf.GGMLQuantizationType.Q4_1: _dequantize_q4_1,
 }
+
+
+def _raw_blocks(tensor: gguf.gguf_reader.ReaderTensor, block_bytes: int) -> tuple[torch.Tensor, int, int]:
+    """The tensor's blocks [N * K / 32, block_bytes] (uint8, a view of the file) and (N, K)."""
+    n, k = (int(d) for d in reversed(tensor.shape.tolist()))
+    raw = torch.from_numpy(tensor.data.reshape(-1).view(np.uint8))
+    return raw.view(-1, block_bytes), n, k
+
+
+def _codes_q8_0(tensor) -> GroupCodes:
+    blocks, n, k = _raw_blocks(tensor, 34)  # fp16 d, 32 int8 q: x = q * d
+    scale = blocks[:, :2].view(torch.float16).float().reshape(n, k // 32)
+    return GroupCodes(blocks[:, 2:].view(torch.int8).reshape(n, k).clone(), scale, torch.zeros_like(scale), 8, 32)
+
+
+def _codes_q4_0(tensor) -> GroupCodes:
+    blocks, n, k = _raw_blocks(tensor, 18)  # fp16 d, 32 4-bit q: x = (q - 8) * d
+    scale = blocks[:, :2].view(torch.float16).float().reshape(n, k // 32)
+    return GroupCodes(_nibbles(blocks[:, 2:]).reshape(n, k), scale, -8 * scale, 4, 32)
+
+
+def _codes_q4_1(tensor) -> GroupCodes:
+    blocks, n, k = _raw_blocks(tensor, 20)  # fp16 d and m, 32 4-bit q: x = q * d + m
+    scale = blocks[:, :2].view(torch.float16).float().reshape(n, k // 32)
+    minimum = blocks[:, 2:4].view(torch.float16).float().reshape(n, k // 32)
+    return GroupCodes(_nibbles(blocks[:, 4:]).reshape(n, k), scale, minimum, 4, 32)
+
+
+_GROUP_CODES = {
+    gguf.GGMLQuantizationType.Q8_0: _codes_q8_0,
+    gguf.GGMLQuantizationType.Q4_0: _codes_q4_0,
+    gguf.GGMLQuantizationType.Q4_1: _codes_q4_1,
+}
+
+
+def _rope_row_order(num_rows: int, num_heads: int, head_dim: int, gguf_name: str) -> torch.Tensor:
+    """The row index that undoes llama.cpp's q/k permutation (as `_unpermute_rope_rows` does)."""
+    return _unpermute_rope_rows(torch.arange(num_rows), num_heads, head_dim, gguf_name)
 
 
 def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int, head_dim: int, gguf_name: str) -> torch.Tensor:

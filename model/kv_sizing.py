@@ -35,8 +35,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
     cfg = model.config
-    element = torch.empty((), dtype=model.lm_head.weight.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * element
+    dtype, row = model.kv_cache_layout()
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * row * element
 
 
 def size_kv_pool(model: LlamaForCausalLM, block_size: int, num_kv_blocks: int | None, kv_cache_memory: int,
@@ -51,7 +52,7 @@ def size_kv_pool(model: LlamaForCausalLM, block_size: int, num_kv_blocks: int | 
     per_block = kv_bytes_per_block(model, block_size)
     blocks_per_seq = -(-max_model_len // block_size)
     if num_kv_blocks is None:
-        device = model.lm_head.weight.device
+        device = model.model.embed_tokens.weight.device
         if device.type == "cuda":
             budget = _profile_free_gpu_memory(model, max_num_batched_tokens, gpu_memory_utilization)
         else:
@@ -69,7 +70,7 @@ def size_kv_pool(model: LlamaForCausalLM, block_size: int, num_kv_blocks: int | 
 
 def _profile_free_gpu_memory(model: LlamaForCausalLM, num_tokens: int, utilization: float) -> int:
     """Bytes left for the KV pool after the weights and the peak of a largest-batch forward."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     block_size = 16

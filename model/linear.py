@@ -48,10 +48,15 @@ def onednn_linear_available() -> bool:
     return _onednn_usable
 
 
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, on oneDNN for CPU float32 matmuls of several rows with a large weight."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 1
+            and weight.numel() >= MIN_ONEDNN_WEIGHT and not torch.is_grad_enabled()
+            and onednn_linear_available()):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 1
-                and self.weight.numel() >= MIN_ONEDNN_WEIGHT and not torch.is_grad_enabled()
-                and onednn_linear_available()):
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return dense_matmul(x, self.weight, self.bias)

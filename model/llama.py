@@ -17,11 +17,35 @@ from torch import nn
 from model.attention import AttentionMetadata, paged_attention, write_kv
 from model.attention_backend import attention_functions
 from model.config import ModelConfig
+from model.kv_quant import packed_head_dim
 from model.linear import Linear
+from model.quantization.config import QuantizationConfig
+from model.quantization.linear import QuantLinear
 from model.rotary import RotaryEmbedding, apply_rotary
 
 # One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def linear(in_features: int, out_features: int, bias: bool, quantization: QuantizationConfig | None,
+           parts: tuple[int, ...] | None = None) -> nn.Module:
+    """A float `Linear`, or a `QuantLinear` under a quantized method (`parts`: the rows of the
+    checkpoint tensors stacked into it)."""
+    if quantization is None or not quantization.quantized:
+        return Linear(in_features, out_features, bias=bias)
+    return QuantLinear(in_features, out_features, bias, quantization, parts)
+
+
+@dataclass
+class PartTarget:
+    """Where a checkpoint tensor goes in a QuantLinear: its part `index` (q, k or v; gate or up)."""
+
+    layer: QuantLinear
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.layer.parts[self.index], self.layer.in_features
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +80,7 @@ class RopeAngles:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, quantization: QuantizationConfig | None = None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -67,8 +91,9 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q_proj, k_proj and v_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
-        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj = linear(hidden, self.q_size + 2 * self.kv_size, bias, quantization,
+                               (self.q_size, self.kv_size, self.kv_size))
+        self.o_proj = linear(self.num_heads * self.head_dim, hidden, bias, quantization)
         # The PyTorch reference until LlamaForCausalLM.set_attention_backend picks another.
         self.write_kv, self.paged_attention = write_kv, paged_attention
 
@@ -91,12 +116,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, quantization: QuantizationConfig | None = None):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         # gate_proj and up_proj of the checkpoint, stacked: one matmul (checkpoint_tensors).
-        self.gate_up_proj = Linear(hidden, 2 * inter, bias=bias)
-        self.down_proj = Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = linear(hidden, 2 * inter, bias, quantization, (inter, inter))
+        self.down_proj = linear(inter, hidden, bias, quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
@@ -104,12 +129,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, quantization: QuantizationConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, quantization)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, quantization)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 rope: RopeAngles) -> torch.Tensor:
@@ -118,14 +143,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, quantization: QuantizationConfig | None = None):
         super().__init__()
         # Uninitialised (the loader fills it): a random init on the meta device would import
         # torch._dynamo, 2 s of every model load.
         self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         # One rotary module for every layer (its angles are computed once per forward).
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, quantization) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCache) -> torch.Tensor:
@@ -139,26 +164,50 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder plus the LM head; `forward` gives hidden states, `compute_logits` logits."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, quantization: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.quantization = quantization or QuantizationConfig()
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.int8: kv_quant
+        self.model = LlamaModel(config, self.quantization)
+        if self.quantization.quantized:
+            self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, False, self.quantization, lm_head=True)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
+            return
+        if isinstance(self.lm_head, QuantLinear):
+            self.lm_head.tied_weight = self.model.embed_tokens.weight
+        else:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def quant_layers(self) -> list[QuantLinear]:
+        return [module for module in self.modules() if isinstance(module, QuantLinear)]
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCache) -> torch.Tensor:
         """Hidden states [T, hidden] of the new tokens; their K/V are written into kv_caches."""
         return self.model(input_ids, meta, kv_caches)
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor | PartTarget]:
         """The model's tensors under their Hugging Face checkpoint names, the stacked projections
         as views of their parts (q_proj, k_proj, v_proj; gate_proj, up_proj): what a loader fills.
-        A tied lm_head appears once, as the embedding."""
-        tensors: dict[str, torch.Tensor] = {}
+        A quantized layer's weights are `PartTarget`s (QuantLinear.load_part takes them). A tied
+        lm_head appears once, as the embedding."""
+        tensors: dict[str, torch.Tensor | PartTarget] = {}
+        for prefix, layer in self.named_modules():
+            if isinstance(layer, QuantLinear) and not (layer.lm_head and self.config.tie_word_embeddings):
+                if prefix.endswith(".qkv_proj"):
+                    attn = prefix.removesuffix(".qkv_proj")
+                    names = [f"{attn}.{part}.weight" for part in ("q_proj", "k_proj", "v_proj")]
+                elif prefix.endswith(".gate_up_proj"):
+                    mlp = prefix.removesuffix(".gate_up_proj")
+                    names = [f"{mlp}.{part}.weight" for part in ("gate_proj", "up_proj")]
+                else:
+                    names = [f"{prefix}.weight"]
+                tensors.update({name: PartTarget(layer, index) for index, name in enumerate(names)})
         for name, param in self.named_parameters():
             prefix, _, kind = name.rpartition(".")  # kind: weight or bias
             if prefix.endswith(".qkv_proj"):
@@ -185,13 +234,18 @@ class LlamaForCausalLM(nn.Module):
         """float32 logits [N, vocab] for hidden states [N, hidden] (only the rows that need them)."""
         return self.lm_head(hidden).float()
 
+    def kv_cache_layout(self) -> tuple[torch.dtype, int]:
+        """The KV pool's dtype and the length of a head's row: the model's dtype and head_dim, or
+        for an int8 cache (`kv_cache_dtype`) int8 and head_dim plus its scale (model/kv_quant.py)."""
+        if self.kv_cache_dtype == torch.int8:
+            return torch.int8, packed_head_dim(self.config.head_dim)
+        return self.model.embed_tokens.weight.dtype, self.config.head_dim
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         """Zeroed K and V pools for every layer (zeros keep masked-out padding finite)."""
         cfg = self.config
-        param = self.lm_head.weight
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        return [
-            (torch.zeros(shape, dtype=param.dtype, device=param.device),
-             torch.zeros(shape, dtype=param.dtype, device=param.device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        dtype, row = self.kv_cache_layout()
+        device = self.model.embed_tokens.weight.device
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, row)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(cfg.num_hidden_layers)]

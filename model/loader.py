@@ -6,6 +6,8 @@ ending in `.gguf`, or a directory holding exactly one `.gguf` file and no config
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from model.config import ModelConfig
-from model.llama import LlamaForCausalLM
+from model.quantization.config import QuantizationConfig
+from model.llama import LlamaForCausalLM, PartTarget
 from model.model_path import BUNDLED_MODEL_DIR, checkpoint_path
 from model.rotary import rope_inv_freq
 
@@ -31,12 +34,17 @@ def load_model(
     device: torch.device | str = "cpu",
     load_format: str = "auto",
     seed: int = 0,
+    quantization: QuantizationConfig | None = None,
 ) -> LlamaForCausalLM:
     """The model at `model_path` (a HF directory or a .gguf file, see model_path.py; None: the
     bundled stories260K), in eval mode.
 
     `load_format="dummy"` skips the weight files and fills the model with random weights of
-    the right shapes, for benchmarking large shapes without a checkpoint.
+    the right shapes, for benchmarking large shapes without a checkpoint. Under a quantized
+    method, the linear layers take their tensors (a GGUF's own codes where they keep them),
+    are quantized one by one as their parts arrive (int8 with SmoothQuant: all of them after a
+    calibration forward of the float model); no float copy is kept beyond the bfloat16 batch copy
+    `auto` may keep.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not one of {LOAD_FORMATS}")
@@ -44,7 +52,7 @@ def load_model(
     config = model_config(model_path)
     # Built on the meta device so large models are not initialised twice.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, quantization)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     model.model.rotary.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
@@ -55,7 +63,44 @@ def load_model(
             _load_gguf(model, model_path)
         else:
             _load_checkpoint(model, model_path)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if model.quantization.quantized:
+        _quantize(model, model_path)
+    _return_freed_memory()
+    return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages the load freed back to the OS (glibc keeps them for reuse otherwise:
+    60-100 MB of SmolLM2's dequantization and quantization buffers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _finish_when_loaded(model: LlamaForCausalLM, target: PartTarget) -> None:
+    """Quantize a layer as soon as its last part is in, so that the float tensors of one layer
+    at a time are held, not the whole model's (int8 with SmoothQuant waits: its calibration
+    needs the float model)."""
+    config = model.quantization
+    if target.layer.loaded and not (config.method == "int8" and config.smoothquant_alpha is not None):
+        target.layer.finish()
+
+
+def _quantize(model: LlamaForCausalLM, model_path: Path) -> None:
+    """Calibrate (int8 with SmoothQuant), then build the formats of the layers not built yet."""
+    from model.quantization.smoothquant import CALIBRATION_TEXT, CALIBRATION_TOKENS, input_maxima, smoothing_factors
+    from model.tokenizer import Tokenizer
+
+    config = model.quantization
+    maxima = {}
+    if config.method == "int8" and config.smoothquant_alpha is not None:
+        tokenizer = Tokenizer.from_pretrained(model_path)
+        tokens = tokenizer.encode_text(CALIBRATION_TEXT.read_text())[:CALIBRATION_TOKENS]
+        maxima = input_maxima(model, tokens)
+    for layer in model.quant_layers():
+        if not layer.formats:
+            smooth = smoothing_factors(layer, maxima[layer], config.smoothquant_alpha) if layer in maxima else None
+            layer.finish(smooth)
 
 
 def model_config(model_path: str | Path | None = None) -> ModelConfig:
@@ -69,7 +114,7 @@ def model_config(model_path: str | Path | None = None) -> ModelConfig:
 
 
 def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
-    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
@@ -77,6 +122,11 @@ def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
             param.zero_()
         else:
             param.normal_(0.0, 0.02, generator=generator)
+    for target in model.checkpoint_tensors().values():
+        if isinstance(target, PartTarget):
+            shape = (target.layer.parts[target.index], target.layer.in_features)
+            target.layer.load_part(target.index, torch.empty(shape).normal_(0.0, 0.02, generator=generator))
+            _finish_when_loaded(model, target)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -121,8 +171,12 @@ def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
                 continue  # derived from the config, saved by old checkpoints
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # tied to the embedding
-            param = _checked_target(params, model.config, path.name, name, tensor, "config.json")
-            param.copy_(tensor.to(param.dtype))
+            target = _checked_target(params, model.config, path.name, name, tensor, "config.json")
+            if isinstance(target, PartTarget):
+                target.layer.load_part(target.index, tensor)
+                _finish_when_loaded(model, target)
+            else:
+                target.copy_(tensor.to(target.dtype))
             loaded.add(name)
     _check_complete(params, loaded, f"checkpoint in {model_dir}")
 
@@ -134,9 +188,13 @@ def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
     # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).
     targets = {**params, INV_FREQ: model.model.rotary.inv_freq}
     loaded: set[str] = set()
-    for name, tensor in gguf_tensors(open_gguf(gguf_file), model.config):
+    keep_codes = model.quantization.quantized
+    for name, tensor in gguf_tensors(open_gguf(gguf_file), model.config, keep_codes):
         target = _checked_target(targets, model.config, gguf_file.name, name, tensor, "the GGUF metadata")
-        if isinstance(target, torch.nn.Parameter) and tensor.dtype == target.dtype and tensor.device == target.device:
+        if isinstance(target, PartTarget):
+            target.layer.load_part(target.index, tensor)
+            _finish_when_loaded(model, target)
+        elif isinstance(target, torch.nn.Parameter) and tensor.dtype == target.dtype and tensor.device == target.device:
             target.data = tensor  # freshly dequantized: adopting it spares a copy into untouched memory
         else:
             target.copy_(tensor)
@@ -151,7 +209,7 @@ def _checked_target(targets: dict[str, torch.Tensor], config: ModelConfig, file_
     if name not in targets:
         raise CheckpointError(f"{file_name}: unexpected tensor {name!r} for {config.architecture}")
     target = targets[name]
-    if tuple(tensor.shape) != tuple(target.shape):
+    if tuple(tensor.shape) != tuple(target.shape):  # a PartTarget's shape is its part's
         raise CheckpointError(
             f"{file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
             f"expected {tuple(target.shape)} from {config_source}"

@@ -75,7 +75,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.device = model.lm_head.weight.device
+        self.device = model.model.embed_tokens.weight.device
         num_probe_blocks = -(-PROBE_TOKENS // block_size)
         self.kv_caches = model.allocate_kv_cache(num_blocks + num_probe_blocks, block_size)
         self._probe_table = list(range(num_blocks, num_blocks + num_probe_blocks))

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from model.attention_backend import resolve_backend
 from model.host_kv import HostKVPool
 from model.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
+from model.quantization.auto import resolve_quantization
 from model.loader import load_model, model_config
 from model.model_path import resolve_model_path
 from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
@@ -100,8 +101,19 @@ class Engine:
             check_vocab_size(self.tokenizer, model_cfg.vocab_size, str(self.model_path))
         self.tokenizer.pad_vocab(model_cfg.vocab_size)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_model(self.model_path, self.dtype, self.device, config.load_format, config.seed)
+        requested = None if config.dtype == "auto" else resolve_dtype(config.dtype, self.device)
+        self.quantization, self.dtype = resolve_quantization(
+            config.quantization, self.model_path, model_cfg, self.device, requested,
+            config.quantization_group_size, config.smoothquant_alpha)
+        self.model = load_model(self.model_path, self.dtype, self.device, config.load_format, config.seed,
+                                self.quantization)
+        if config.kv_cache_dtype == "fp8":
+            raise ValueError("kv_cache_dtype fp8 is not offered; int8 (a scale per token and head) holds as many "
+                             "tokens per GiB on every device")
+        if config.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not one of auto, int8")
+        if config.kv_cache_dtype == "int8":
+            self.model.kv_cache_dtype = torch.int8
         self.attention_backend = resolve_backend(config.attention_backend, self.device, model_cfg.head_dim)
         self.model.set_attention_backend(self.attention_backend)
         self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
@@ -254,6 +266,15 @@ class Engine:
     def end_session(self, session_id: str) -> bool:
         """Drop a session's cache; False if it did not exist."""
         return self.scheduler.sessions.drop(session_id)
+
+    def served_as(self) -> dict:
+        """How the model is served: its quantization, activations' dtype, weight and KV bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights += sum(layer.nbytes for layer in self.model.quant_layers())
+        return {"quantization": self.quantization.describe(), "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_cache_dtype": self.config.kv_cache_dtype if self.config.kv_cache_dtype != "auto"
+                else str(self.dtype).removeprefix("torch."), "weight_bytes": weights,
+                "kv_cache_bytes": sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)}
 
     @property
     def num_sessions(self) -> int:

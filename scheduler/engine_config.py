@@ -24,7 +24,9 @@ class EngineConfig:
     window (None or 0: dense attention). Idle sessions given up under memory pressure move to
     `session_memory` bytes of host blocks (scheduler/sessions.py). Compiled grammars are cached
     up to `grammar_cache_memory` bytes, and a request whose grammar mask takes longer than
-    `grammar_mask_timeout` seconds ends (scheduler/structured_output.py).
+    `grammar_mask_timeout` seconds ends (scheduler/structured_output.py). `quantization` is how the
+    linear layers are stored (model/quantization/config.py; `auto` decides from the checkpoint
+    and the CPU), and with `dtype` "auto" the activations' dtype goes with it.
     """
 
     model: str | Path | None = None
@@ -48,3 +50,7 @@ class EngineConfig:
     enforce_eager: bool = False
     grammar_cache_memory: int = DEFAULT_GRAMMAR_CACHE_BYTES
     grammar_mask_timeout: float = DEFAULT_GRAMMAR_MASK_TIMEOUT
+    quantization: str = "none"  # none | auto | int8 | int8-weight | int4-weight (model/quantization/)
+    quantization_group_size: int = 32  # int4-weight
+    smoothquant_alpha: float | None = 0.5  # int8; None: no smoothing
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: codes and a scale per token and head

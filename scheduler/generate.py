@@ -1,10 +1,12 @@
-"""Offline generation for one prompt through the engine, on the CPU in float32:
-`python -m scheduler.generate TEXT`. Prints the prompt and its completion, without the stop token."""
+"""Offline generation for one prompt through the engine, on the CPU:
+`python -m scheduler.generate TEXT`. Prints the prompt and its completion, without the stop token.
+`--quantization` (default auto) and `--dtype` as on the server."""
 
 from __future__ import annotations
 
 import argparse
 
+from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
 from model.threads import THREADS_HELP, default_threads
 
 
@@ -17,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                        help="how the linear layers are stored (as on the server; default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     return parser.parse_args(argv)
 
 
@@ -34,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     from model.sampling_params import SamplingParams
     from scheduler.engine import Engine
 
-    engine = Engine(args.model, device="cpu", dtype="float32", max_num_seqs=1)  # a pool for one sequence
+    engine = Engine(args.model, device="cpu", dtype=args.dtype, max_num_seqs=1,  # a pool for one sequence
+                    quantization=args.quantization)
     params = SamplingParams(temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)
     [result] = engine.generate([args.prompt], params, use_tqdm=False)
     completion = result.completions[0]

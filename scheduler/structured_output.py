@@ -39,7 +39,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llguidance
-import llguidance.torch
 import torch
 
 from model.tokenizer import Tokenizer
@@ -201,7 +200,7 @@ class StructuredOutput:
             return None
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="sinkserve-grammar")
-        bitmask = torch.empty(llguidance.torch.get_bitmask_shape(len(rows), self.vocab_size), dtype=torch.int32)
+        bitmask = torch.empty((len(rows), -(-self.vocab_size // 32)), dtype=torch.int32)
         matchers = [self._matchers[request_ids[row]] for row in rows]
         overran: list[int] = []
         done = self._worker.submit(self._fill, matchers, rows, bitmask, overran)
@@ -214,7 +213,8 @@ class StructuredOutput:
         over the budget has its request ended after this step, which its mask still serves."""
         for i, matcher in enumerate(matchers):
             start = time.thread_time()
-            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+            row = bitmask[i]  # llguidance.torch's fill, without importing that module (it compiles with torch.compile)
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
             if time.thread_time() - start > self.mask_timeout:
                 overran.append(rows[i])
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 # Parsing the arguments (and --help) imports nothing heavy: the defaults come from server.defaults
 # and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
 from model.model_path import INSTALLED_MODELS
+from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
+from model.quantization.config import DEFAULT_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA
 from model.threads import THREADS_HELP, default_threads
 from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
                              DEFAULT_GRAMMAR_MASK_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
@@ -89,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' and activations' dtype; auto: bfloat16 on a GPU, float32 on a CPU")
     g.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                   help="how the linear layers are stored: none (--dtype floats), int8 (W8A8), int8-weight, "
+                        "int4-weight; auto: a GGUF's own 4-bit or 8-bit codes, a float checkpoint in bfloat16 "
+                        "where this CPU multiplies that faster (README, Quantization)")
+    g.add_argument("--quantization-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=[32, 64, 128, 256],
+                   help="input features per group of 4-bit weights (int4-weight)")
+    g.add_argument("--smoothquant-alpha", type=float, default=DEFAULT_SMOOTHQUANT_ALPHA,
+                   help="SmoothQuant's migration strength for int8 (0-1)")
+    g.add_argument("--no-smoothquant", action="store_true", help="int8 without SmoothQuant smoothing")
     g.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="paged attention implementation (default: auto, triton kernels on CUDA)")
     g.add_argument("--enforce-eager", action="store_true",
@@ -99,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV pool size in blocks (default: from --kv-cache-memory or --gpu-memory-utilization)")
     g.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV pool on a CPU")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model's dtype; int8: keys and values as int8 codes with a scale per token and "
+                        "head (about 2x the tokens per GiB of bfloat16, 4x of float32; torch attention backend)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory for the model, activations and the KV pool on a GPU")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -293,7 +307,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
         load_format=args.load_format, seed=args.seed, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, grammar_cache_memory=int(args.grammar_cache_memory * 2**30),
-        grammar_mask_timeout=args.grammar_mask_timeout,
+        grammar_mask_timeout=args.grammar_mask_timeout, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization_group_size=args.quantization_group_size,
+        smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
     )
 
 
@@ -311,7 +328,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
     async_engine = AsyncEngine(engine)
     return ServerState(
         engine=async_engine, tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
-        metrics=Metrics(async_engine.stats, name), model_name=name, max_model_len=engine.max_model_len,
+        metrics=Metrics(async_engine.stats, name, engine.served_as()), model_name=name,
+        max_model_len=engine.max_model_len, served_as=engine.served_as(),
         defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
         shared_prefix_cache=args.shared_prefix_cache, tool_call_parser=args.tool_call_parser,
@@ -361,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                             timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
                             proxy_headers=args.forwarded_allow_ips is not None,
                             forwarded_allow_ips=args.forwarded_allow_ips)
-    logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
+    served = state.served_as
+    logger.info("serving %s (quantization %s, %s activations, %.0f MB of weights) on http://%s:%d", state.model_name,
+                served["quantization"], served["dtype"], served["weight_bytes"] / 1e6, args.host, args.port)
     graceful_server_class()(config, state.engine, args.shutdown_timeout).run()
 
 

@@ -104,7 +104,9 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
 
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": created, "owned_by": "sinkserve",
-                "max_model_len": state.max_model_len}
+                "max_model_len": state.max_model_len, **{key: state.served_as[key] for key in
+                                                         ("quantization", "dtype", "kv_cache_dtype")
+                                                         if key in state.served_as}}
 
     @app.get("/v1/models")
     async def models():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scheduler.engine_stats import EngineStats
@@ -74,12 +74,19 @@ class _EngineCollector:
 
 
 class Metrics:
-    """The app's metrics; `stats` takes the engine's snapshot at each scrape."""
+    """The app's metrics; `stats` takes the engine's snapshot at each scrape; `served_as`, how the
+    model is served (Engine.served_as)."""
 
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str, served_as: dict | None = None):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats, model_name))
         labels = ["model_name"]
+        if served_as:
+            info = Gauge("sinkserve_model_info", "How the model is served (the value is 1).",
+                         labels + ["quantization", "dtype"], registry=self.registry)
+            info.labels(model_name, served_as["quantization"], served_as["dtype"]).set(1)
+            Gauge("sinkserve_model_weight_bytes", "Bytes of the model's weights as served.", labels,
+                  registry=self.registry).labels(model_name).set(served_as["weight_bytes"])
         self.time_to_first_token = Histogram(
             "sinkserve_time_to_first_token_seconds", "Time from arrival to the first output token.",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry).labels(model_name)

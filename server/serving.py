@@ -73,6 +73,8 @@ class ServerState:
     tool_call_parser: str = "auto"
     # Seconds a grammar may take to compile in its sandbox (--grammar-compile-timeout).
     grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+    # How the model is served (Engine.served_as: quantization, dtype, weight and KV bytes).
+    served_as: dict = field(default_factory=dict)
 
     @functools.cached_property
     def grammar_compiler(self) -> GrammarCompiler:

@@ -75,7 +75,7 @@ class PagedDriver:
             context_lens.append(length)
             tables.append(table)
             flat.extend(new_tokens[seq])
-        device = self.model.lm_head.weight.device
+        device = self.model.model.embed_tokens.weight.device
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size, device)
         with torch.no_grad():
             hidden = self.model(torch.tensor(flat, device=device), meta, self.kv_caches)

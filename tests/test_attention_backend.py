@@ -91,3 +91,15 @@ def test_triton_engine_matches_the_torch_engine(checkpoint, window):
     assert _generate(checkpoint, prompts, attention_backend="triton", **options) == expected
     # Decode steps through the padded static buffers (batches of 1..5 padded to 1/2/4/8).
     assert _generate(checkpoint, prompts, graphs=True, attention_backend="triton", **options) == expected
+
+
+def test_triton_engine_on_an_int8_cache_matches_the_torch_engine(checkpoint):
+    # The kernels write the int8 cache's bytes and read them as the PyTorch path does: the same
+    # greedy tokens past the window, eager and through the decode graphs' padded buffers.
+    prompts = _prompts(5, seed=3)
+    options = {"attention_sinks": 2, "attention_window": 12, "kv_cache_dtype": "int8"}
+    expected = _generate(checkpoint, prompts, attention_backend="torch", **options)
+    assert expected != _generate(checkpoint, prompts, attention_backend="torch", attention_sinks=2,
+                                 attention_window=12)  # the cache's rounding shows in the tokens
+    assert _generate(checkpoint, prompts, attention_backend="triton", **options) == expected
+    assert _generate(checkpoint, prompts, graphs=True, attention_backend="triton", **options) == expected

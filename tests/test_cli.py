@@ -106,6 +106,8 @@ def test_the_defaults_are_the_documented_ones():
     assert args == {
         "model": None, "served_model_name": None, "load_format": "auto", "seed": 0, "tool_call_parser": "auto",
         "device": "auto", "dtype": "auto", "threads": cpu_threads.default_threads(), "attention_backend": None,
+        "quantization": "auto", "quantization_group_size": 32, "smoothquant_alpha": 0.5, "no_smoothquant": False,
+        "kv_cache_dtype": "auto",
         "enforce_eager": False, "block_size": 16, "num_kv_blocks": None, "kv_cache_memory": 1.0,
         "gpu_memory_utilization": 0.9, "max_model_len": None, "no_prefix_caching": False, "max_num_seqs": 256,
         "max_num_batched_tokens": 2048, "max_waiting_requests": 1024, "request_timeout": None,

@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from model import kv_quant  # noqa: E402
 from model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
 from model.kernels import paged_attention_triton, write_kv_triton  # noqa: E402
 
@@ -198,6 +199,68 @@ def test_write_kv(dtype):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+def check_int8_attention(specs, num_kv_heads, group, head_dim, block_size, dtype, partition_size=512, seed=0):
+    """The kernels on an int8 pool against the float32 reference on the same pool dequantized,
+    and against the PyTorch path reading the int8 pool itself."""
+    q, q_sink, k_cache, v_cache, meta, _, _ = make_case(specs, num_kv_heads, group, head_dim, block_size,
+                                                        torch.float32, seed)
+    k_int8, v_int8 = kv_quant.quantize(k_cache), kv_quant.quantize(v_cache)  # [.., D + 2] int8
+    q, q_sink = q.to(dtype), q_sink.to(dtype)
+    scale = head_dim ** -0.5
+    out = paged_attention_triton(q, q_sink, k_int8, v_int8, meta, scale, partition_size=partition_size)
+    assert out.shape == q.shape and out.dtype == dtype
+    dequantized = [kv_quant.dequantize(c, torch.float32) for c in (k_int8, v_int8)]
+    expected = paged_attention(q.float(), q_sink.float(), *dequantized, meta, scale)
+    error = max_relative_error(out, expected)
+    assert error < TOLERANCE[dtype], f"max relative error {error:.2e}"
+    # Reading the float pool instead is measurably different: the kernel read the codes.
+    assert max_relative_error(paged_attention(q.float(), q_sink.float(), k_cache, v_cache, meta, scale),
+                              expected) > TOLERANCE[torch.float32]
+    torch_path = paged_attention(q, q_sink, k_int8, v_int8, meta, scale)
+    assert max_relative_error(out, torch_path) < 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads, group, head_dim, block_size, dtype, partition_size",
+    [(2, 2, 64, 16, torch.float32, 32), (1, 4, 32, 32, torch.bfloat16, 512), (2, 1, 16, 16, torch.float16, 16)],
+    ids=["g2-d64-fp32-parts", "g4-d32-bf16-single", "g1-d16-fp16-parts"],
+)
+def test_int8_pool(num_kv_heads, group, head_dim, block_size, dtype, partition_size):
+    check_int8_attention(MIXED, num_kv_heads, group, head_dim, block_size, dtype, partition_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_int8(dtype):
+    """The kernel's quantized write stores the bytes model/kv_quant.py would (to one code and
+    the scale's last bit on a GPU, whose float division may round differently)."""
+    gen = torch.Generator().manual_seed(11)
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 16, 3, 64
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:21].to(DEVICE)
+    rows = torch.randn(2, 21, num_kv_heads, head_dim, generator=gen) * torch.logspace(-4, 2, 21)[:, None, None]
+    rows[:, 0] = 0.0  # an all-zero row: the smallest scale, codes 0
+    rows[:, 1, 0, :4] = torch.tensor([0.5, -0.5, 1.5, 127.0])  # ties: 0.5 rounds to 0, 1.5 to 2
+    k, v = rows[0].to(dtype).to(DEVICE), rows[1].to(dtype).to(DEVICE)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim + kv_quant.SCALE_BYTES)
+    expected_k = torch.zeros(shape, dtype=torch.int8, device=DEVICE)
+    expected_v = expected_k.clone()
+    write_kv(expected_k, expected_v, k, v, slots)
+    k_cache, v_cache = torch.zeros_like(expected_k), torch.zeros_like(expected_v)
+    write_kv_triton(k_cache, v_cache, k, v, slots)
+    for got, want in ((k_cache, expected_k), (v_cache, expected_v)):
+        if DEVICE == "cpu":
+            assert torch.equal(got, want)
+        else:
+            codes_diff = (got[..., :-2].int() - want[..., :-2].int()).abs().max().item()
+            assert codes_diff <= 1
+            scale_diff = (got[..., -2:].contiguous().view(torch.int16).int()
+                          - want[..., -2:].contiguous().view(torch.int16).int()).abs().max().item()
+            assert scale_diff <= 1
+    # Padding tokens are skipped.
+    before = k_cache.clone()
+    write_kv_triton(k_cache, v_cache, k[:2] + 1, v[:2] + 1, torch.tensor([-1, -1], device=DEVICE))
+    assert torch.equal(k_cache, before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -224,3 +287,5 @@ def test_full_size_on_gpu(dtype, block_size):
     assert torch.equal(k_cache.view(-1, 8, 128)[flat], k_ref.view(-1, 8, 128)[flat])
     assert torch.equal(v_cache.view(-1, 8, 128)[flat], v_ref.view(-1, 8, 128)[flat])
     assert not math.isnan(float(k_cache.float().sum()))
+    if dtype != torch.float32:
+        check_int8_attention(specs, 8, 4, 128, block_size, dtype, partition_size=256, seed=6)

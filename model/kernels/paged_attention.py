@@ -41,8 +41,14 @@ Kernels:
   KV head); a tile's rows are BLOCK_M tokens x G_PAD heads; causal by cache position over the
   paged context; online softmax, fp32 accumulation.
 
-dtypes: float32, float16, bfloat16 (q, q_sink and the pools share one dtype; the output has it
-too). Head dims: any power of two >= 16 (16 is tl.dot's minimum K, so every score is a tl.dot).
+An int8 pool (model/kv_quant.py: rows of head_dim codes and a float16 scale, `[.., D + 2]`)
+is read in the same kernels (constexpr KV_INT8): each key and value tile is loaded as codes,
+its rows' scales through a float16 view of the pool (element D / 2 of a row), and dequantized
+to the queries' dtype before its dot; `_write_kv_kernel` quantizes as model/kv_quant.py does
+(ties to even, the division correctly rounded).
+
+dtypes: float32, float16, bfloat16 (q, q_sink and the pools share one dtype, or the pools are
+int8; the output has q's). Head dims: any power of two >= 16 (16 is tl.dot's minimum K, so every score is a tl.dot).
 Block sizes: any (16 and 32 are tested). fp32 dots run with input_precision="ieee" (no TF32),
 so fp32 matches the reference tightly on a GPU too. Triton's interpreter (TRITON_INTERPRET=1,
 CPU tensors) runs all three dtypes; its tl.dot gives wrong results on bfloat16 operands
@@ -60,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from model import kv_quant
 from model.attention import AttentionMetadata
 
 # Keys per context partition of the decode kernel (flash-decoding split).
@@ -107,10 +114,10 @@ def _sink_tiles_end(start, end, sink_len, BLOCK_N: tl.constexpr):
 @triton.jit
 def _attend_key_tile(
     q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
-    offs_d, scale, k_cache_ptr, v_cache_ptr,
+    offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_TILE: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """One step of online softmax over the key tile j [N] (valid [N]) of one sequence and KV
     head: the rows' running max m_i [R], sum-exp l_i [R] and output acc [R, D], updated.
@@ -122,7 +129,12 @@ def _attend_key_tile(
     k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
     v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
     # Keys along columns, ready to be the right operand of q @ k^T.
-    k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+    if KV_INT8:  # codes times the row's float16 scale, which follows them (in float16 units: / 2)
+        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=valid[None, :], other=0)  # [D, N]
+        k_scale = tl.load(k_scale_ptr + k_off // 2 + HEAD_DIM // 2, mask=valid, other=0.0)  # [N]
+        k = (k.to(tl.float32) * k_scale.to(tl.float32)[None, :]).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
     s = _dot(q, k, IEEE, UPCAST)  # [R, N]
     if SINK_TILE:
         s_sink = _dot(q_sink, k, IEEE, UPCAST)  # [R, N]
@@ -132,7 +144,12 @@ def _attend_key_tile(
     alpha = tl.exp(m_i - m_new)  # [R]
     p = tl.exp(s - m_new[:, None])  # [R, N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+    if KV_INT8:
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0)  # [N, D]
+        v_scale = tl.load(v_scale_ptr + v_off // 2 + HEAD_DIM // 2, mask=valid, other=0.0)  # [N]
+        v = (v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
+    else:
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)  # [R, D]
     return m_new, l_i, acc
 
@@ -143,12 +160,38 @@ def _attend_key_tile(
 
 
 @triton.jit
+def _round_half_even(y):
+    """y rounded to the nearest integer, ties to even (as torch.round)."""
+    f = tl.floor(y)
+    diff = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((diff > 0.5) | ((diff == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _store_rows(x, row_off, dims, row_valid, cache_ptr, scale_ptr, KV_INT8: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store rows x [H, D] (row_valid [H]) at cache_ptr + row_off [H]; an int8 pool gets each row's codes
+    round(x / s), s = max |x| / 127 in float16, and s after them, as model/kv_quant.py."""
+    if KV_INT8:
+        xf = x.to(tl.float32)
+        step = (tl.max(tl.abs(xf), axis=1) / 127.0).to(tl.float16).to(tl.float32)  # [H]
+        step = tl.maximum(step, 5.960464477539063e-08)  # float16's smallest subnormal, 2^-24
+        codes = _round_half_even(tl.math.div_rn(xf, step[:, None]))
+        codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
+        tl.store(cache_ptr + row_off[:, None] + dims[None, :], codes.to(tl.int8), mask=row_valid[:, None])
+        tl.store(scale_ptr + row_off // 2 + HEAD_DIM // 2, step.to(tl.float16), mask=row_valid)
+    else:
+        tl.store(cache_ptr + row_off[:, None] + dims[None, :], x.to(cache_ptr.dtype.element_ty),
+                 mask=row_valid[:, None])
+
+
+@triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_INT8: tl.constexpr,
 ):
     """Program t stores k[t], v[t] [Hkv, D] (k already rotated) at pool slot slot_mapping[t]
     (negative: skipped)."""
@@ -160,18 +203,19 @@ def _write_kv_kernel(
     offset = slot % BLOCK_SIZE
     heads = tl.arange(0, HEADS_PAD)  # [H]
     dims = tl.arange(0, HEAD_DIM)  # [D]
-    mask = (heads < NUM_KV_HEADS)[:, None]  # [H, 1]
-    k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)  # [H, D]
-    v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)  # [H, D]
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    row_valid = heads < NUM_KV_HEADS  # [H]
+    mask = row_valid[:, None]  # [H, 1]
+    k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask, other=0.0)  # [H, D]
+    v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)  # [H, D]
+    k_row = block * stride_kcb + offset * stride_kcs + heads * stride_kch  # [H]
+    v_row = block * stride_vcb + offset * stride_vcs + heads * stride_vch  # [H]
+    _store_rows(k, k_row, dims, row_valid, k_cache_ptr, k_scale_ptr, KV_INT8, HEAD_DIM)
+    _store_rows(v, v_row, dims, row_valid, v_cache_ptr, v_scale_ptr, KV_INT8, HEAD_DIM)
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, context_lens_ptr, sink_lens_ptr, sink_gaps_ptr,
     scale,
     stride_qt, stride_qh, stride_qst, stride_qsh, stride_ot, stride_oh,
@@ -182,6 +226,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr,
     SINK_QUERY: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     """Program (decode sequence, KV head, partition): the G query heads of the group over the
     partition's keys."""
@@ -223,9 +268,9 @@ def _decode_kernel(
             valid = j < end  # every tile has a valid key
             m_i, l_i, acc = _attend_key_tile(
                 q, q_sink, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head,
-                offs_d, scale, k_cache_ptr, v_cache_ptr,
+                offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST)
+                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST, KV_INT8, HEAD_DIM)
     else:
         sink_end = start
     for n0 in range(sink_end, end, BLOCK_N):
@@ -233,9 +278,9 @@ def _decode_kernel(
         valid = j < end  # every tile has a valid key
         m_i, l_i, acc = _attend_key_tile(
             q, q, m_i, l_i, acc, j, valid, valid[None, :], table_row, sink_len, sink_gap, kv_head,
-            offs_d, scale, k_cache_ptr, v_cache_ptr,
+            offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST)
+            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST, KV_INT8, HEAD_DIM)
 
     if SINGLE:
         out = acc / l_i[:, None]  # [R, D]
@@ -284,7 +329,7 @@ def _merge_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    q_ptr, q_sink_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
     block_tables_ptr, context_lens_ptr, query_start_loc_ptr, positions_ptr,
     sink_lens_ptr, sink_gaps_ptr,
     scale, num_decode_seqs,
@@ -293,7 +338,7 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_QUERY: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr,
 ):
     """Program (query tile, prefill sequence, KV head): BLOCK_M tokens x the G heads of the group."""
     ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
@@ -347,9 +392,9 @@ def _prefill_kernel(
             allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position; key 0 in tile 0
             m_i, l_i, acc = _attend_key_tile(
                 q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
-                offs_d, scale, k_cache_ptr, v_cache_ptr,
+                offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST)
+                BLOCK_SIZE, HAS_GAPS, True, IEEE, UPCAST, KV_INT8, HEAD_DIM)
     else:
         sink_end = 0
     for n0 in range(sink_end, key_end, BLOCK_N):
@@ -358,9 +403,9 @@ def _prefill_kernel(
         allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N] causal by position; key 0 in tile 0
         m_i, l_i, acc = _attend_key_tile(
             q, q, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
-            offs_d, scale, k_cache_ptr, v_cache_ptr,
+            offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST)
+            BLOCK_SIZE, HAS_GAPS, False, IEEE, UPCAST, KV_INT8, HEAD_DIM)
 
     out = acc / l_i[:, None]  # [R, D]
     out_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -378,6 +423,17 @@ def _check_cache(cache: torch.Tensor) -> None:
                          "with a contiguous last dimension")
 
 
+def _scales_view(cache: torch.Tensor) -> torch.Tensor:
+    """An int8 pool [.., D + 2] seen as float16 [.., D / 2 + 1], where element D / 2 of a row is
+    its scale (the kernels address it from the row's int8 offset halved); a float pool itself
+    (the kernels do not read it)."""
+    if not kv_quant.is_quantized(cache):
+        return cache
+    if cache.shape[-1] % 2 or any(stride % 2 for stride in cache.stride()[:-1]):
+        raise ValueError("an int8 KV pool needs an even row length and even strides")
+    return cache.view(torch.float16)
+
+
 def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     """Store new k (already rotated), v [T, num_kv_heads, head_dim] at their pool slots
@@ -392,12 +448,13 @@ def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, _scales_view(k_cache), _scales_view(v_cache), slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+        BLOCK_SIZE=k_cache.shape[1], KV_INT8=kv_quant.is_quantized(k_cache),
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
     )
 
 
@@ -420,14 +477,18 @@ def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache
     _check_cache(v_cache)
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    kv_int8 = kv_quant.is_quantized(k_cache)
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
     if partition_size < 16 or partition_size & (partition_size - 1):
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    if k_cache.dtype != v_cache.dtype or (q.dtype != k_cache.dtype and not kv_int8):
         raise ValueError(f"q ({q.dtype}) and the KV pool ({k_cache.dtype}, {v_cache.dtype}) differ in dtype")
+    if kv_quant.head_dim_of(k_cache) != head_dim:
+        raise ValueError(f"the KV pool holds head_dim {kv_quant.head_dim_of(k_cache)}, q {head_dim}")
+    k_scales, v_scales = _scales_view(k_cache), _scales_view(v_cache)
     sink_query = q_sink is not None and meta.rope_positions is not None and meta.max_sink_len > 0
     if sink_query and (q_sink.shape != q.shape or q_sink.dtype != q.dtype):
         raise ValueError(f"q_sink {tuple(q_sink.shape)} {q_sink.dtype} differs from q {tuple(q.shape)} {q.dtype}")
@@ -447,6 +508,7 @@ def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache
         IEEE=q.dtype == torch.float32,  # fp32 dots without TF32
         # Triton's interpreter (CPU tensors) computes tl.dot wrongly on bf16 operands.
         UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        KV_INT8=kv_int8,
     )
     query_strides = (q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1), out.stride(0), out.stride(1))
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -481,7 +543,7 @@ def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache
             acc_strides = part_acc.stride()[:3]
             ml_strides = part_ml.stride()[:3]
         _decode_kernel[(num_decode, num_kv_heads, num_parts)](
-            q, q_sink, k_cache, v_cache, out, part_acc, part_ml,
+            q, q_sink, k_cache, v_cache, k_scales, v_scales, out, part_acc, part_ml,
             meta.block_tables, meta.context_lens, sink_lens, sink_gaps,
             scale,
             *query_strides,
@@ -506,7 +568,7 @@ def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache
         block_m = rows // group_pad
         grid = (triton.cdiv(meta.max_query_len, block_m), num_prefill, num_kv_heads)
         _prefill_kernel[grid](
-            q, q_sink, k_cache, v_cache, out,
+            q, q_sink, k_cache, v_cache, k_scales, v_scales, out,
             meta.block_tables, meta.context_lens, meta.query_start_loc, meta.positions,
             sink_lens, sink_gaps,
             scale, num_decode,
