@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ CONFIGS = {
     "int4-weight": ["--quantization", "int4-weight"],
     "int8-weight": ["--quantization", "int8-weight"],
     "int8": ["--quantization", "int8"],
+    "int8, alpha auto": ["--quantization", "int8", "--smoothquant-alpha", "auto"],
     "int8, no SmoothQuant": ["--quantization", "int8", "--no-smoothquant"],
     "none, int8 KV": ["--quantization", "none", "--dtype", "float32", "--kv-cache-dtype", "int8"],
     "auto, int8 KV": ["--quantization", "auto", "--kv-cache-dtype", "int8"],
@@ -91,6 +93,7 @@ def main() -> None:
     middle = text[len(text) // 2:]
     prompts = [ask.format(topic) for ask in PROMPT_ASKS for topic in PROMPT_TOPICS][:args.prompts]
     results: dict = {}
+    run = time.strftime("%Y-%m-%d %H:%M")  # perplexities compare within a run, against its "none"
     for model in args.models:
         if model == "stories260K":
             path, flags, window = REPO_ROOT / "model" / "bundled" / "stories260K", [], 511
@@ -111,11 +114,14 @@ def main() -> None:
                 replies = greedy_replies(server, prompts)
             reference = reference or replies
             identical, prefix = agreement(replies, reference)
-            results[model][name] = {"served": served["quantization"], "dtype": served["dtype"], "perplexity": ppl,
-                                    "identical_replies": identical, "matching_prefix_tokens": prefix}
-            base = results[model][next(iter(results[model]))]["perplexity"]
+            base = ppl if name == "none" else results[model].get("none", {}).get("perplexity")
+            results[model][name] = {"run": run, "served": served["quantization"], "dtype": served["dtype"],
+                                    "perplexity": ppl, "identical_replies": identical,
+                                    "matching_prefix_tokens": prefix}
+            if base is not None:
+                results[model][name]["relative_to_none_of_its_run"] = round(ppl / base - 1, 4)
             print(f"{model:12} {name:22} {served['quantization'][:60]:60} {served['dtype']:9} ppl {ppl:8.3f} "
-                  f"({ppl / base - 1:+.2%})  replies identical {identical:6.1%}  tokens before a difference "
+                  f"({f'{ppl / base - 1:+.2%}' if base else 'no none in this run'})  replies identical {identical:6.1%}  tokens before a difference "
                   f"{prefix:6.1%}", flush=True)
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for model, configs in results.items():  # what this run did not measure is kept

@@ -268,10 +268,11 @@ def _attend(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache: torch.Tensor,
     num_seqs, num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_blocks(k_cache, block_ids).transpose(1, 2)  # [B, Hkv, L, D] (int8 pool: D + 2)
-    values = gather_blocks(v_cache, block_ids).transpose(1, 2)
-    if kv_quant.is_quantized(k_cache):
-        keys, values = kv_quant.dequantize(keys, q.dtype), kv_quant.dequantize(values, q.dtype)  # [B, Hkv, L, D]
+    keys = gather_blocks(k_cache, block_ids)  # [B, L, Hkv, D] (int8 pool: D + 2)
+    values = gather_blocks(v_cache, block_ids)
+    if kv_quant.is_quantized(k_cache):  # dequantized while contiguous
+        keys, values = kv_quant.dequantize(keys, q.dtype), kv_quant.dequantize(values, q.dtype)  # [B, L, Hkv, D]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
     # Each KV head serves its group of query heads without being copied.
     q_rows = _grouped(q, num_kv_heads)  # [B, Hkv, Q*G, D]
     if q_sink is not None and max_sink_len:

@@ -40,6 +40,10 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., D + 2] int8 -> [..., D] in dtype: codes * s."""
-    scale = packed[..., -SCALE_BYTES:].contiguous().view(torch.float16)  # [..., 1]
-    return (packed[..., :-SCALE_BYTES].to(torch.float32) * scale.float()).to(dtype)
+    """[..., D + 2] int8 -> [..., D] in dtype: codes * s, multiplied in float32 (then rounded
+    to dtype once, as the Triton kernels do). Three passes over the codes, the product in place:
+    a mixed int8 x float32 multiply runs unvectorized (2x slower, measured)."""
+    scale = packed[..., -SCALE_BYTES:].contiguous().view(torch.float16).float()  # [..., 1]
+    values = packed[..., :-SCALE_BYTES].to(torch.float32)  # [..., D]
+    values.mul_(scale)
+    return values if dtype == torch.float32 else values.to(dtype)

@@ -88,19 +88,18 @@ def _finish_when_loaded(model: LlamaForCausalLM, target: PartTarget) -> None:
 
 def _quantize(model: LlamaForCausalLM, model_path: Path) -> None:
     """Calibrate (int8 with SmoothQuant), then build the formats of the layers not built yet."""
-    from model.quantization.smoothquant import CALIBRATION_TEXT, CALIBRATION_TOKENS, input_maxima, smoothing_factors
+    from model.quantization.smoothquant import CALIBRATION_TEXT, CALIBRATION_TOKENS, calibrate
     from model.tokenizer import Tokenizer
 
     config = model.quantization
-    maxima = {}
+    factors = {}
     if config.method == "int8" and config.smoothquant_alpha is not None:
         tokenizer = Tokenizer.from_pretrained(model_path)
         tokens = tokenizer.encode_text(CALIBRATION_TEXT.read_text())[:CALIBRATION_TOKENS]
-        maxima = input_maxima(model, tokens)
+        factors = calibrate(model, tokens, config.smoothquant_alpha)
     for layer in model.quant_layers():
         if not layer.formats:
-            smooth = smoothing_factors(layer, maxima[layer], config.smoothquant_alpha) if layer in maxima else None
-            layer.finish(smooth)
+            layer.finish(factors.get(layer))
 
 
 def model_config(model_path: str | Path | None = None) -> ModelConfig:

@@ -52,5 +52,5 @@ class EngineConfig:
     grammar_mask_timeout: float = DEFAULT_GRAMMAR_MASK_TIMEOUT
     quantization: str = "none"  # none | auto | int8 | int8-weight | int4-weight (model/quantization/)
     quantization_group_size: int = 32  # int4-weight
-    smoothquant_alpha: float | None = 0.5  # int8; None: no smoothing
+    smoothquant_alpha: float | str | None = 0.5  # int8: 0-1, or auto (per layer); None: no smoothing
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: codes and a scale per token and head

@@ -58,6 +58,19 @@ def positive(kind):
     return parse
 
 
+def smoothquant_alpha(text: str) -> float | str:
+    """An argparse type: auto, or a number in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not auto or a number: {text}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be auto or in [0, 1]: {text}")
+    return value
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's help ends with its default, once: the help text's own "(default: ...)" where
     it has one (a default of None or a flag's off state, said in words), else the value."""
@@ -97,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "where this CPU multiplies that faster (README, Quantization)")
     g.add_argument("--quantization-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=[32, 64, 128, 256],
                    help="input features per group of 4-bit weights (int4-weight)")
-    g.add_argument("--smoothquant-alpha", type=float, default=DEFAULT_SMOOTHQUANT_ALPHA,
-                   help="SmoothQuant's migration strength for int8 (0-1)")
+    g.add_argument("--smoothquant-alpha", type=smoothquant_alpha, default=DEFAULT_SMOOTHQUANT_ALPHA,
+                   help="SmoothQuant's migration strength for int8: 0-1, or auto (searched per layer on "
+                        "the calibration text)")
     g.add_argument("--no-smoothquant", action="store_true", help="int8 without SmoothQuant smoothing")
     g.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="paged attention implementation (default: auto, triton kernels on CUDA)")
@@ -112,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV pool on a CPU")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="auto: the model's dtype; int8: keys and values as int8 codes with a scale per token and "
-                        "head (about 2x the tokens per GiB of bfloat16, 4x of float32; torch attention backend)")
+                        "head (about 2x the tokens per GiB of bfloat16, 4x of float32)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory for the model, activations and the KV pool on a GPU")
     g.add_argument("--max-model-len", type=int, default=None,

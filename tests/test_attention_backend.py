@@ -7,27 +7,18 @@ is what a CUDA graph replays.
 
 from __future__ import annotations
 
-import os
 import random
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_device import DEVICE  # before triton is imported: sets up the interpreter
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from model.attention_backend import resolve_backend  # noqa: E402
-from model.cuda_graphs import batch_size_ladder  # noqa: E402
-from model.sampling_params import SamplingParams  # noqa: E402
-from scheduler.engine import Engine  # noqa: E402
-from tests.conftest import save_hf_checkpoint  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+from model.attention_backend import resolve_backend
+from model.cuda_graphs import batch_size_ladder
+from model.sampling_params import SamplingParams
+from scheduler.engine import Engine
+from tests.conftest import save_hf_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,14 @@ def test_positive_options_refuse_zero():
         parse_args(["--max-connections", "0"])
 
 
+def test_smoothquant_alpha_is_auto_or_a_fraction():
+    assert parse_args(["--smoothquant-alpha", "auto"]).smoothquant_alpha == "auto"
+    assert parse_args(["--smoothquant-alpha", "0.7"]).smoothquant_alpha == 0.7
+    for bad in ("1.5", "-0.1", "high"):
+        with pytest.raises(SystemExit):
+            parse_args(["--smoothquant-alpha", bad])
+
+
 @pytest.mark.parametrize("cpus, cores, omp, threads", [
     (2, 2, None, 1),  # this kind of machine: one CPU left to the event loop and anything else
     (1, 1, None, 1),

@@ -99,3 +99,10 @@ def test_sessions_prefix_caching_and_the_host_tier_keep_int8_blocks_exactly(chec
             assert e.stats().num_sessions_swapped_out == 1
         results.append(turn(e, "t2", prompt + first + [40, 41]))
     assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+
+
+def test_fp8_and_unknown_kv_dtypes_are_startup_errors(checkpoint):
+    with pytest.raises(ValueError, match="fp8 is not offered"):
+        Engine(checkpoint, device="cpu", num_kv_blocks=16, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="not one of auto, int8"):
+        Engine(checkpoint, device="cpu", num_kv_blocks=16, kv_cache_dtype="int4")

@@ -271,3 +271,126 @@ def test_shapes_a_kernel_cannot_take_step_down_and_run(method):
     prompt = [(i * 7) % 500 + 3 for i in range(500)]
     [result] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(result.token_ids) == 8
+
+
+def test_methods_a_gpu_serves_and_refuses(tmp_path):
+    """On a GPU, int8 and int8-weight run on Triton kernels (tests/test_int8_matmul.py), the int4
+    pack kernel is the CPU's: a one-line error, never a silent float model; auto serves bfloat16."""
+    pytest.importorskip("triton")
+    from model.loader import model_config
+    from model.quantization.auto import resolve_quantization
+
+    path = tmp_path / "hf"
+    save_hf_checkpoint(path, seed=6, **TINY)
+    cuda = torch.device("cuda")
+    for method in ("int8", "int8-weight"):
+        config, dtype = resolve_quantization(method, path, model_config(path), cuda, None, 32, 0.5)
+        assert config.method == method and dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="int4-weight runs on a CPU"):
+        resolve_quantization("int4-weight", path, model_config(path), cuda, None, 32, 0.5)
+    config, dtype = resolve_quantization("auto", path, model_config(path), cuda, None, 32, 0.5)
+    assert config.method == "none" and dtype == torch.bfloat16
+
+
+def test_formats_move_with_their_tensors():
+    weight = torch.randn(32, 64)
+    fmt = Int8Dynamic.from_float(weight, torch.rand(64) + 0.5).to(torch.device("meta"))
+    assert fmt.weights.codes.is_meta and fmt.weights.scale.is_meta and fmt.smooth.is_meta
+    assert Int8Channels.from_float(weight).to(torch.device("meta")).codes.is_meta
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["int8-weight", "int8"])
+def test_a_gpu_model_computes_what_the_cpu_model_does(tmp_path, method):
+    """The same quantized checkpoint on the GPU (Triton int8 kernels) and on the CPU (PyTorch's):
+    the same weights and codes, rounded in different places."""
+    save_hf_checkpoint(tmp_path / "hf", seed=5, **TINY)
+    prompts = [[5, 9, 200, 17, 3, 44, 12], [300, 2, 8]]
+    logits = {}
+    for device in ("cpu", "cuda"):
+        model = load_model(tmp_path / "hf", torch.bfloat16, device, quantization=QuantizationConfig(method))
+        driver = PagedDriver(model, num_blocks=64, block_size=4, seed=3)
+        logits[device] = {seq: out.float().cpu() for seq, out in driver.step(dict(enumerate(prompts))).items()}
+    allowed = 16 * BF16 + (8 / 127 if method == "int8" else 0)
+    for seq, expected in logits["cpu"].items():
+        assert (logits["cuda"][seq] - expected).abs().max() / expected.std() <= allowed
+
+
+
+
+def _unfinished_int8_model(path, monkeypatch):
+    """An int8 model as the loader leaves it before calibration: float weights staged."""
+    import model.loader as loader
+
+    monkeypatch.setattr(loader, "_quantize", lambda model, path: None)
+    model = load_model(path, torch.float32, quantization=QuantizationConfig("int8"))
+    layers = [layer for layer in model.quant_layers() if not layer.lm_head]
+    assert layers and not any(layer.formats for layer in layers)
+    return model, layers
+
+
+def _calibrate_seeing_inputs(model, layers, tokens, alpha):
+    """calibrate(), and the input each layer was given in its forward."""
+    from model.quantization.smoothquant import calibrate
+
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].float()))
+             for layer in layers]
+    try:
+        return calibrate(model, tokens, alpha), inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+CALIBRATION = [1] + [(7 * i) % 500 + 3 for i in range(40)]
+
+
+def test_smoothquant_calibrates_layer_by_layer(tmp_path, monkeypatch):
+    """In the calibration forward every layer outputs its W8A8 result (with the factors it just
+    got), so a layer calibrates on the inputs the quantized model will give it."""
+    from model.quantization.smoothquant import smoothing_factors
+
+    save_hf_checkpoint(tmp_path / "hf", seed=7, **TINY)
+    model, layers = _unfinished_int8_model(tmp_path / "hf", monkeypatch)
+    factors, seen = _calibrate_seeing_inputs(model, layers, CALIBRATION, 0.5)
+    float_inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: float_inputs.__setitem__(mod, args[0].float()))
+             for layer in layers]
+    _logits(model, [CALIBRATION])  # the float model (staged weights), for comparison
+    for hook in hooks:
+        hook.remove()
+    def moved(layer):  # how far the calibration input is from the float model's, relative
+        return float((seen[layer] - float_inputs[layer]).abs().max() / float_inputs[layer].abs().max())
+
+    assert moved(layers[0]) == 0  # the first projection sees the embeddings either way
+    # the last sees the quantized model's activations: int8 steps (1/127 of a row's largest
+    # value, a few of them), not the float noise of two prefills (about 1e-6)
+    assert moved(layers[-1]) > 1e-3
+    for layer in layers:
+        assert torch.equal(factors[layer], smoothing_factors(layer, seen[layer].abs().amax(dim=0), 0.5))
+
+
+def test_smoothquant_auto_takes_each_layers_best_alpha(tmp_path, monkeypatch):
+    """alpha auto gives every layer the grid's factors whose W8A8 output on its calibration
+    inputs is closest to the float output."""
+    from model.quantization.smoothquant import ALPHA_GRID, smoothing_factors
+
+    save_hf_checkpoint(tmp_path / "hf", seed=7, **TINY)
+    model, layers = _unfinished_int8_model(tmp_path / "hf", monkeypatch)
+    auto, seen = _calibrate_seeing_inputs(model, layers, CALIBRATION, "auto")
+
+    def error(layer, factors):
+        x, weight = seen[layer], layer.staged_weight()
+        fmt = Int8Dynamic.from_float(weight, factors)
+        return float((fmt.matmul(x) - x @ weight.T).pow(2).sum())
+
+    picked = set()
+    for layer in layers:
+        input_max = seen[layer].abs().amax(dim=0)
+        candidates = {alpha: smoothing_factors(layer, input_max, alpha) for alpha in ALPHA_GRID}
+        alpha = next(a for a, f in candidates.items() if torch.equal(f, auto[layer]))
+        picked.add(alpha)
+        assert error(layer, auto[layer]) <= min(error(layer, f) for f in candidates.values()) * (1 + 1e-5)
+    assert len(picked) > 1  # the layers differ: a search, not one alpha

@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_device import DEVICE  # before triton is imported: sets up the interpreter
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from model import kv_quant  # noqa: E402
-from model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
-from model.kernels import paged_attention_triton, write_kv_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+from model import kv_quant
+from model.attention import AttentionMetadata, paged_attention, write_kv
+from model.kernels import paged_attention_triton, write_kv_triton
 
 # Max error relative to the largest reference value, against a float32 reference on the same
 # (rounded) inputs.

@@ -1,4 +1,6 @@
-"""Triton kernels: the GPU fast path of paged attention (model/kernels/paged_attention.py).
+"""Triton kernels: the GPU fast path of paged attention (model/kernels/paged_attention.py) and
+the int8 matmuls of quantized layers on a GPU (model/kernels/int8_matmul.py, imported by
+model/quantization/formats.py where a weight lives on a GPU).
 
 `paged_attention_triton` and `write_kv_triton` take the same arguments and give the same results
 as the PyTorch reference `model.attention.paged_attention` / `write_kv`. Importing this package

@@ -9,13 +9,16 @@
 - A float checkpoint (a Hugging Face directory, an F16/F32/BF16 GGUF) stays float: bfloat16 when
   this CPU multiplies the model's largest projection in bfloat16 no slower than in float32 at one
   row and 1.2x faster at 64 (CPUs with AMX or AVX512-BF16 do; measured at startup), else float32.
-- On a GPU: none (the GPU path serves bfloat16; the quantized kernels are the CPU's).
+- On a GPU: none (bfloat16). `int8` and `int8-weight` run there too, on Triton kernels
+  (model/kernels/int8_matmul.py) that are tested for correctness but not yet timed on a GPU,
+  so `auto` does not pick them; `int4-weight` is the CPU's (PyTorch's CPU int4 pack kernel).
 Quantized methods run their activations in bfloat16 (the int4 and int8 pack kernels take
 nothing else at speed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from collections import Counter
@@ -49,7 +52,10 @@ def resolve_quantization(method: str, model_path: Path, config: ModelConfig, dev
         raise ValueError(f"quantization {method!r} is not one of auto, {', '.join(METHODS)}")
     quantization = QuantizationConfig(method, group_size, smoothquant_alpha)
     if quantization.quantized and device.type != "cpu":
-        raise ValueError(f"--quantization {method} runs on a CPU; on a GPU use none (bfloat16) or auto")
+        if method == "int4-weight" or device.type != "cuda":
+            raise ValueError(f"--quantization {method} runs on a CPU; on a GPU use int8, int8-weight, none or auto")
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(f"--quantization {method} on a GPU needs triton (its int8 matmul kernels)")
     if dtype is None:
         dtype = torch.bfloat16 if quantization.quantized or device.type == "cuda" else torch.float32
     return quantization, dtype

@@ -2,7 +2,8 @@
 
 - `none`: float weights in the serving dtype (the default of the Python API).
 - `int8`: W8A8, int8 weights per output channel and activations quantized per token at run
-  time, SmoothQuant-smoothed (`smoothquant_alpha`; None: not smoothed) on calibration text.
+  time, SmoothQuant-smoothed (`smoothquant_alpha`: a number, or "auto" to search it per layer;
+  None: not smoothed) on calibration text.
 - `int8-weight`: int8 weights per output channel, bfloat16 activations.
 - `int4-weight`: 4-bit weights in groups of `group_size` input features, bfloat16 activations;
   a GGUF's Q4_0 and Q4_1 blocks (groups of 32) are taken as they are.
@@ -25,7 +26,7 @@ DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 class QuantizationConfig:
     method: str = "none"
     group_size: int = DEFAULT_GROUP_SIZE  # int4-weight
-    smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA  # int8; None: no smoothing
+    smoothquant_alpha: float | str | None = DEFAULT_SMOOTHQUANT_ALPHA  # int8: "auto" or [0, 1]; None: no smoothing
     # Keep a bfloat16 copy of a compact weight as well, for the row counts where it measures
     # faster (auto only: it costs 2 bytes a parameter).
     batch_dense: bool = False
@@ -35,8 +36,9 @@ class QuantizationConfig:
             raise ValueError(f"quantization {self.method!r} is not one of {', '.join(CHOICES)}")
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"int4 group size {self.group_size} is not one of 32, 64, 128, 256")
-        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise ValueError(f"smoothquant alpha {self.smoothquant_alpha} is not in [0, 1]")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"smoothquant alpha {alpha!r} is not auto or a number in [0, 1]")
 
     @property
     def quantized(self) -> bool:

@@ -10,10 +10,12 @@ x [M, K]:
   z = 0, Q4_1 z = m + 8d; the kernel takes s and z in bfloat16, so a file's float16 d and m are
   rounded). PyTorch's int4 pack matmul, bfloat16 activations.
 - `Int8Channels`: int8 codes with one scale per output channel, w = q * s; weight-only (the
-  activations stay bfloat16): PyTorch's int8 pack matmul.
+  activations stay bfloat16): PyTorch's int8 pack matmul (on a GPU, a Triton kernel,
+  model/kernels/int8_matmul.py).
 - `Int8Dynamic`: the same weights, and activations quantized to int8 per token at run time
   (W8A8): x = p * t per row, y = (p @ q.T) * t * s, an int8 x int8 -> int32 matmul
-  (`torch._int_mm`: AMX or VNNI on a CPU that has them); an optional SmoothQuant factor f per
+  (`torch._int_mm`: AMX or VNNI on a CPU that has them; on a GPU the Triton kernel, its scales
+  fused); an optional SmoothQuant factor f per
   input feature divides x and multiplies the weight's columns before they are quantized.
 
 Everything here is exact about its own math; tests check each against a float64 reference of
@@ -22,6 +24,7 @@ it (tests/test_quantization.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,12 @@ class WeightFormat:
     @property
     def nbytes(self) -> int:
         raise NotImplementedError
+
+    def to(self, device: torch.device) -> WeightFormat:
+        """The same format with its tensors on `device`."""
+        def moved(value):
+            return value.to(device) if isinstance(value, (torch.Tensor, WeightFormat)) else value
+        return dataclasses.replace(self, **{f.name: moved(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 @dataclass
@@ -126,6 +135,9 @@ class Int8Channels(WeightFormat):
         return cls(codes, scale)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from model.kernels.int8_matmul import int8_matmul
+            return int8_matmul(x, None, self.codes, self.scale)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.scale.to(torch.bfloat16))
         return y.to(x.dtype)
 
@@ -147,14 +159,23 @@ class Int8Dynamic(WeightFormat):
         scaled = weight.float() * smooth if smooth is not None else weight
         return cls(Int8Channels.from_float(scaled), smooth)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def quantize_rows(x: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] (divided by smooth) -> its codes [M, K] int8 and their scale [M] float32."""
         xf = x.float()
-        if self.smooth is not None:
-            xf = xf / self.smooth
+        if smooth is not None:
+            xf = xf / smooth
         row_scale = xf.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [M, 1]
         codes = (xf / row_scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # [M, K]
+        return codes, row_scale.squeeze(1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        codes, row_scale = self.quantize_rows(x, self.smooth)
+        if x.is_cuda:
+            from model.kernels.int8_matmul import int8_matmul
+            return int8_matmul(codes, row_scale, self.weights.codes, self.weights.scale, out_dtype=x.dtype)
         acc = torch._int_mm(codes, self.weights.codes.t())  # [M, N] int32
-        return (acc.float() * row_scale * self.weights.scale).to(x.dtype)
+        return (acc.float() * row_scale[:, None] * self.weights.scale).to(x.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -54,6 +54,8 @@ class QuantLinear(nn.Module):
         self.tied_weight: torch.Tensor | None = None  # the embedding, when the LM head is tied to it
         self.formats: list[WeightFormat] = []
         self._dispatch: tuple[int, ...] = ()  # per ROW_BUCKETS entry: an index into formats
+        # Where the model lives (moved with it); formats are built on the CPU and moved there.
+        self.register_buffer("device_marker", torch.empty(0), persistent=False)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -92,7 +94,8 @@ class QuantLinear(nn.Module):
             dense = self.tied_weight if self.tied_weight is not None else as_float(source).to(torch.bfloat16)
             formats.append(Dense(dense))
         self._staged = [None] * len(self.parts)
-        self.formats = formats
+        device = self.device_marker.device
+        self.formats = [f.to(device) for f in formats] if device.type != "cpu" else formats
         self._dispatch = self._measured_dispatch()
         used = sorted(set(self._dispatch))
         if len(used) < len(self.formats):  # a format no row count measured fastest is not kept
@@ -137,7 +140,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.formats:  # not finished: calibration runs on the float weight
-            return F.linear(x, self.staged_weight().to(x.dtype), self.bias)
+            return F.linear(x, self.staged_weight().to(x.device, x.dtype), self.bias)
         y = self.format_for(x.shape[0]).matmul(x)
         return y + self.bias if self.bias is not None else y
 
