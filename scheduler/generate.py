@@ -1,10 +1,15 @@
 """Offline generation for one prompt through the engine, on the CPU:
-`python -m scheduler.generate TEXT`. Prints the prompt and its completion, without the stop token.
-`--quantization` (default auto) and `--dtype` as on the server."""
+`python -m scheduler.generate TEXT`.
+
+A chat model (one whose tokenizer has a chat template) gets TEXT as a user message in its chat
+template and prints its reply; any other model (or `--no-chat`) continues TEXT and prints it with
+its continuation. Either way without the stop token, then, on stderr, why it finished and the
+token counts. `--quantization` (default auto) and `--dtype` as on the server."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
 from model.threads import THREADS_HELP, default_threads
@@ -22,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
                         help="how the linear layers are stored (as on the server; default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="send the prompt as a user message in the model's chat template (default: when "
+                             "the model has one)")
     return parser.parse_args(argv)
 
 
@@ -41,12 +49,18 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = Engine(args.model, device="cpu", dtype=args.dtype, max_num_seqs=1,  # a pool for one sequence
                     quantization=args.quantization)
+    chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
+    prompt: str | list[int] = args.prompt
+    if chat:
+        from server.chat_template import ChatTemplate
+        prompt = ChatTemplate(engine.tokenizer).encode([{"role": "user", "content": args.prompt}])
     params = SamplingParams(temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)
-    [result] = engine.generate([args.prompt], params, use_tqdm=False)
+    [result] = engine.generate([prompt], params, use_tqdm=False)
     completion = result.completions[0]
     token_ids = completion.token_ids[:-1] if completion.finish_reason == "stop" else completion.token_ids
-    print(engine.tokenizer.decode(result.prompt_token_ids + token_ids))
-
+    print(engine.tokenizer.decode(token_ids if chat else result.prompt_token_ids + token_ids))
+    print(f"[finish_reason: {completion.finish_reason}, prompt tokens: {len(result.prompt_token_ids)}, "
+          f"completion tokens: {len(completion.token_ids)}]", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

@@ -58,17 +58,23 @@ def positive(kind):
     return parse
 
 
-def smoothquant_alpha(text: str) -> float | str:
-    """An argparse type: auto, or a number in [0, 1]."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not auto or a number: {text}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be auto or in [0, 1]: {text}")
-    return value
+def in_range(kind, low, high, words: tuple[str, ...] = ()):
+    """An argparse type: a number of `kind` in [low, high], or one of `words` as written."""
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {' or '.join((*words, 'a number'))}: {text}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {' or '.join((*words, f'in [{low}, {high}]'))}: {text}")
+        return value
+    return parse
+
+
+port = in_range(int, 0, 65535)  # 0: any free port
+smoothquant_alpha = in_range(float, 0.0, 1.0, ("auto",))
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("server", "HTTP: address, connections, timeouts")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every IPv4 interface)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument("--port", type=port, default=8000, help="port to listen on")
     g.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS,
                    help="open connections at most; past them a new one replaces the longest idle or half-sent "
                         "one, else only /health and /metrics get through")

@@ -139,6 +139,14 @@ def test_positive_options_refuse_zero():
         parse_args(["--max-connections", "0"])
 
 
+def test_a_port_out_of_range_is_one_line_before_anything_loads(capsys):
+    assert parse_args(["--port", "0"]).port == 0
+    for bad in ("80000", "-1", "http"):
+        with pytest.raises(SystemExit):
+            parse_args(["--port", bad])
+        assert "argument --port" in capsys.readouterr().err
+
+
 def test_smoothquant_alpha_is_auto_or_a_fraction():
     assert parse_args(["--smoothquant-alpha", "auto"]).smoothquant_alpha == "auto"
     assert parse_args(["--smoothquant-alpha", "0.7"]).smoothquant_alpha == 0.7
@@ -236,3 +244,13 @@ def test_generate_threads_sets_torchs_thread_count():
     assert (zero, two, one) == (initial, 2, 1)  # 0: torch's own choice
     from scheduler import generate
     assert generate.parse_args([]).threads == cpu_threads.default_threads()
+
+
+def test_generate_continues_a_base_model_and_says_why_it_stopped(capsys):
+    """The bundled stories260K has no chat template: the prompt is continued, printed with it."""
+    from scheduler import generate
+
+    generate.main(["Once upon a time", "--max-tokens", "6", "--threads", "0"])
+    out, err = capsys.readouterr()
+    assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
+    assert err.strip() == "[finish_reason: length, prompt tokens: 5, completion tokens: 6]"

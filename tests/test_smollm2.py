@@ -220,3 +220,31 @@ def test_the_readme_server_answers_through_the_openai_client():
                                                 stream=True)
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert streamed == reply.choices[0].message.content
+
+
+
+def test_the_offline_cli_chats_with_a_chat_model(capsys):
+    """The README's `python -m scheduler.generate` example prints what the README shows: a chat
+    model gets the prompt as a user message in its template, the reply alone is printed, then why
+    it finished and the counts; --no-chat continues the raw text."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from scheduler import generate
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(readme) if line.startswith("    $ python -m scheduler.generate "))
+    command = readme[at].removeprefix("    $ ").replace("python", sys.executable, 1)
+    shown = [line.removeprefix("    ") for line in readme[at + 1:at + 3]]
+    run = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [run.stdout.strip(), run.stderr.strip().splitlines()[-1]] == shown
+    assert "Paris" in shown[0]
+
+    generate.main(["What is the capital of France?", "--model", "smollm2", "--max-tokens", "4", "--threads", "0",
+                   "--no-chat"])
+    out, err = capsys.readouterr()
+    assert out.startswith("What is the capital of France?")
+    assert err.startswith("[finish_reason: ") and "prompt tokens: 7," in err  # the raw text's tokens only
