@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests past this many waiting get a fast 503 with Retry-After (0: no limit)")
     g.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds after which a request ends with finish_reason 'timeout' (default: none)")
+                   help="seconds after which a request ends with what it has: finish_reason 'length', stop_reason "
+                        "'timeout' (default: none)")
 
     g = p.add_argument_group("StreamingLLM", "attention sinks and a sliding window: generation past the context")
     g.add_argument("--attention-sinks", type=int, default=4, help="sink tokens kept (with a window)")

@@ -106,8 +106,12 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED_PREFIXES):
             tenant = self._tenant(scope["headers"])
             if tenant is None:
-                await _send_error(send, 401, "Incorrect API key provided.", "authentication_error",
-                                  [(b"www-authenticate", b"Bearer")])
+                if dict(scope["headers"]).get(b"authorization") is None:
+                    message = ("You didn't provide an API key: send it as 'Authorization: Bearer KEY' (the openai "
+                               "client's api_key, or OPENAI_API_KEY).")
+                else:
+                    message = "Incorrect API key provided."
+                await _send_error(send, 401, message, "authentication_error", [(b"www-authenticate", b"Bearer")])
                 return
             scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)

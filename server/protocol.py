@@ -152,8 +152,8 @@ class SamplingFields(StrictModel):
     session_id: Annotated[StrictStr, Field(pattern=SESSION_ID_PATTERN)] | None = None
     # vLLM's prefix-cache isolation: requests share cached blocks only with the same salt.
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=CACHE_SALT_MAX_CHARS)] | None = None
-    # Seconds from arrival after which the request ends with finish_reason "timeout" (null: the
-    # server's --request-timeout).
+    # Seconds from arrival after which the request ends with finish_reason "length" and
+    # stop_reason "timeout" (null: the server's --request-timeout).
     request_timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = None
 
     @field_validator("stop")

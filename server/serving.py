@@ -123,8 +123,8 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model",
-                           "model_not_found")
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}` "
+                                f"(GET /v1/models lists it).", "not_found_error", "model", "model_not_found")
 
 
 @dataclass

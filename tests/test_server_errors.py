@@ -68,6 +68,8 @@ def test_malformed_json(server):
 def test_unknown_model_is_404(server):
     error = _assert_error(httpx.post(server.url + COMPLETIONS, json={"prompt": "x", "model": "gpt-4"}), 404, "model")
     assert error["code"] == "model_not_found"
+    served = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    assert f"serves `{served}`" in error["message"]  # what to ask for instead
     _assert_error(httpx.post(server.url + CHAT, json={"messages": HELLO, "model": "nope"}), 404, "model")
 
 
@@ -106,8 +108,9 @@ def test_server_still_answers_after_bad_input(server):
 def test_api_keys():
     with ServerProcess("--api-key", "key-one", env={"SINKSERVE_API_KEY": "key-two,key-three"}) as server:
         body = {"prompt": "Once", "max_tokens": 2}
-        _assert_error(httpx.post(server.url + COMPLETIONS, json=body), 401)
-        _assert_error(httpx.post(server.url + COMPLETIONS, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        _assert_error(httpx.post(server.url + COMPLETIONS, json=body), 401, match="didn't provide an API key")
+        _assert_error(httpx.post(server.url + COMPLETIONS, json=body, headers={"Authorization": "Bearer wrong"}), 401,
+                      match="Incorrect API key")
         _assert_error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Basic key-one"}), 401)
         _assert_error(httpx.post(server.url + "/tokenize", json={"prompt": "x"}), 401)
         for key in ("key-one", "key-two", "key-three"):
