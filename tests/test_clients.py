@@ -210,3 +210,17 @@ def test_chat_cli_ctrl_c_stops_only_the_reply(server):
         chat.kill()
     assert chat.returncode == 0, err.decode()
     assert "(reply stopped)" in (shown + out).decode(), (shown + out).decode()
+
+
+def test_bench_help_gives_every_default(capsys):
+    """Every option of the load tester that takes a value says its default in --help."""
+    from clients import bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = re.split(r"\n  (?=--)", text.split("options:", 1)[1].split("metrics:", 1)[0])
+    valued = [o for o in options if re.match(r"--[\w-]+ [A-Z_{]", o)]
+    assert len(valued) >= 14
+    for option in valued:
+        assert "(default:" in " ".join(option.split()), option
