@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 # Parsing the arguments (and --help) imports nothing heavy: the defaults come from server.defaults
 # and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
-from model.model_path import INSTALLED_MODELS
+from model.model_path import (INSTALLED_MODELS, ModelPathError, checkpoint_path, installed_model_name,
+                              installed_model_path)
 from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
 from model.quantization.config import DEFAULT_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA
 from model.threads import THREADS_HELP, default_threads
@@ -367,6 +368,12 @@ def main(argv: list[str] | None = None) -> None:
         address = f"[{args.host}]" if ":" in args.host else args.host
         print(f"sinkserve: error: cannot listen on {address}:{args.port}: {error}", file=sys.stderr)
         raise SystemExit(1)
+    try:  # a --model that names nothing is one line before torch is imported (a directory's files later)
+        name = installed_model_name(args.model)
+        installed_model_path(name) if name is not None else checkpoint_path(args.model)
+    except ModelPathError as exc:
+        print(f"sinkserve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     # Every thread the server starts from here on (the engine's, the request workers', the
     # grammar masks') gets this stack: several times a grammar sandbox's (server/grammar_compiler.py).

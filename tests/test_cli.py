@@ -254,3 +254,24 @@ def test_generate_continues_a_base_model_and_says_why_it_stopped(capsys):
     out, err = capsys.readouterr()
     assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
     assert err.strip() == "[finish_reason: length, prompt tokens: 5, completion tokens: 6]"
+
+
+MISSING_MODEL_SCRIPT = r"""
+import sys
+from server.__main__ import main
+try:
+    main(["--model", "/no/such/model", "--port", "0"])
+except SystemExit as exc:
+    print(exc.code, "torch" in sys.modules)
+"""
+
+
+def test_a_missing_model_is_one_line_before_torch_is_imported():
+    result = subprocess.run([sys.executable, "-c", MISSING_MODEL_SCRIPT], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["2", "False"]
+    from model.model_path import INSTALLED_MODELS
+
+    assert result.stderr.strip().splitlines() == [
+        f"sinkserve: error: no such file or directory: /no/such/model (installed model names: "
+        f"{', '.join(INSTALLED_MODELS)})"]
