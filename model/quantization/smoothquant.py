@@ -89,10 +89,7 @@ def _best_alpha(layer: QuantLinear, x: torch.Tensor, input_max: torch.Tensor) ->
     best = None
     for alpha in ALPHA_GRID:
         factors = smoothing_factors(layer, input_max, alpha)  # on the staged weight's device (the CPU)
-        on_x = factors.to(x.device)
-        fmt = Int8Dynamic.from_float(weight, on_x)
-        codes, row_scale = Int8Dynamic.quantize_rows(x, on_x)  # [T, K], [T]
-        output = (codes.float() * row_scale[:, None]) @ (fmt.weights.codes.float() * fmt.weights.scale[:, None]).T
+        output = Int8Dynamic.from_float(weight, factors.to(x.device)).matmul(x)  # [T, N]
         error = float((output - expected).pow(2).sum())
         if best is None or error < best[0]:
             best = (error, alpha, factors)
