@@ -41,6 +41,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = 16
+    # With max_tokens None: at most this many output tokens, or up to the context, whichever
+    # comes first (never below min_tokens). The server's cap for requests that set none.
+    default_max_tokens: int | None = None
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -79,6 +82,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 0, "must be at least 0"),
+            ("default_max_tokens", self.default_max_tokens is None or self.default_max_tokens >= 1,
+             "must be at least 1"),
             ("min_tokens", self.min_tokens >= 0, "must be at least 0"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "must not exceed max_tokens"),

@@ -161,6 +161,9 @@ class OutputProcessor:
                 return FinishReason.STOP, None
         if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH, None
+        if (params.max_tokens is None and params.default_max_tokens is not None
+                and request.num_output_tokens >= max(params.default_max_tokens, params.min_tokens)):
+            return FinishReason.LENGTH, None
         if request.sink_policy is None and request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None

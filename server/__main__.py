@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -26,8 +27,10 @@ from model.threads import THREADS_HELP, default_threads
 from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
                              DEFAULT_GRAMMAR_MASK_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
                              DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT_TOKENS,
-                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL,
+                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL,
                              SERVER_THREAD_STACK_BYTES)
+from server.generation_config import GenerationConfigError, parse_overrides
+from server.response_store import default_response_store_path
 from server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -37,15 +40,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sinkserve")
 
 
+class ResponseStoreError(ValueError):
+    """A --response-store that cannot be opened; says why."""
+
+
 def model_errors() -> tuple[type[Exception], ...]:
-    """Errors in the files named by --model (found before any weight is read where they can be)."""
+    """Errors a user fixes in what the command names: the files of --model (found before any weight is
+    read where they can be), --generation-config, --response-store."""
     from model.config import ConfigError
     from model.gguf_checkpoint import GGUFError
     from model.loader import CheckpointError
     from model.model_path import ModelPathError
     from model.tokenizer import TokenizerError
     from server.chat_template import ChatTemplateError
-    return ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError
+    return (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError,
+            GenerationConfigError, ResponseStoreError)
 
 
 def positive(kind):
@@ -75,6 +84,14 @@ def in_range(kind, low, high, words: tuple[str, ...] = ()):
 
 
 port = in_range(int, 0, 65535)  # 0: any free port
+
+
+def generation_overrides(text: str) -> dict:
+    """An argparse type: --override-generation-config's JSON object."""
+    try:
+        return parse_overrides(text)
+    except GenerationConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--override-generation-config ")) from None
 smoothquant_alpha = in_range(float, 0.0, 1.0, ("auto",))
 
 
@@ -126,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (default: CUDA graphs on a GPU)")
 
+    g = p.add_argument_group("sampling defaults", "what a request that leaves a field out gets")
+    g.add_argument("--generation-config", default="auto",
+                   help="auto: the model's recommended sampling (generation_config.json, a GGUF's general.sampling "
+                        "keys, else the published settings of a known model such as SmolLM2); none: the OpenAI API's "
+                        "defaults (temperature 1, top_p 1); or the path of a generation_config.json (or its directory)")
+    g.add_argument("--override-generation-config", type=generation_overrides, default=None,
+                   help="JSON object of defaults that win over --generation-config, e.g. '{\"temperature\": 0.5}' "
+                        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) (default: none)")
+    g.add_argument("--default-max-tokens", type=in_range(int, 0, 2**31 - 1), default=None,
+                   help="output tokens a request that sets no max_tokens / max_output_tokens gets at most; 0: up to "
+                        f"the context (default: the model's max_new_tokens, else {DEFAULT_MAX_TOKENS})")
+
     g = p.add_argument_group("memory", "the paged KV cache")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--num-kv-blocks", type=int, default=None,
@@ -166,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "like llama.cpp's --cache-ram)")
 
     g = p.add_argument_group("responses", "stored responses of /v1/responses")
+    g.add_argument("--response-store", default=None,
+                   help="where stored responses live: the path of an SQLite file (kept across restarts, shared by "
+                        "the servers of a host that name it), redis://HOST:PORT/DB (shared by replicas on several "
+                        "hosts; pip install 'sinkserve[redis]'), or memory (this process only) "
+                        "(default: $XDG_STATE_HOME/sinkserve/responses.sqlite3, ~/.local/state/... without it)")
     g.add_argument("--max-stored-responses", type=positive(int), default=DEFAULT_MAX_STORED_RESPONSES,
                    help="responses kept in memory at most (least recently used forgotten first)")
     g.add_argument("--response-ttl", type=positive(float), default=DEFAULT_RESPONSE_TTL,
@@ -342,22 +376,36 @@ def build_state(args: argparse.Namespace) -> ServerState:
     from server.async_engine import AsyncEngine
     from server.chat_template import ChatTemplate
     from server.metrics import Metrics
-    from server.response_store import ResponseStore
-    from server.serving import ServerState, load_generation_defaults
+    from server.response_store import open_response_store
+    from server.generation_config import resolve_generation_defaults
+    from server.serving import ServerState
 
     engine = Engine.from_config(engine_config(args))
     name = args.served_model_name or default_model_name(args.model, engine.model_path)
+    generation = resolve_generation_defaults(engine.model_path, (name,), args.generation_config,
+                                             args.override_generation_config)
+    default_max_tokens = args.default_max_tokens
+    if default_max_tokens is None:
+        default_max_tokens = generation.max_new_tokens or DEFAULT_MAX_TOKENS
+    logger.info("sampling defaults %s (from %s); requests without max_tokens get at most %s", generation.sampling
+                or "temperature 1, top_p 1", generation.source, default_max_tokens or "the rest of the context")
+    try:
+        response_store = open_response_store(args.response_store or default_response_store_path(),
+                                             args.max_stored_responses, args.response_ttl,
+                                             int(args.response_store_memory * 2**30), args.max_chain_tokens)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        raise ResponseStoreError(f"--response-store: {exc}") from None
+    logger.info("stored responses are kept %s", response_store.description)
     async_engine = AsyncEngine(engine)
     return ServerState(
         engine=async_engine, tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(async_engine.stats, name, engine.served_as()), model_name=name,
         max_model_len=engine.max_model_len, served_as=engine.served_as(),
-        defaults=load_generation_defaults(engine.model_path), max_waiting_requests=args.max_waiting_requests or None,
+        generation=generation, default_max_tokens=default_max_tokens or None, max_waiting_requests=args.max_waiting_requests or None,
         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
         shared_prefix_cache=args.shared_prefix_cache, tool_call_parser=args.tool_call_parser,
         grammar_compile_timeout=args.grammar_compile_timeout,
-        response_store=ResponseStore(args.max_stored_responses, args.response_ttl,
-                                     int(args.response_store_memory * 2**30), args.max_chain_tokens),
+        response_store=response_store,
     )
 
 
@@ -374,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     except ModelPathError as exc:
         print(f"sinkserve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.generation_config not in ("auto", "none") and not Path(args.generation_config).exists():
+        print(f"sinkserve: error: --generation-config {args.generation_config}: no such file or directory "
+              "(give a generation_config.json, a directory holding one, 'auto' or 'none')", file=sys.stderr)
+        raise SystemExit(2)
 
     # Every thread the server starts from here on (the engine's, the request workers', the
     # grammar masks') gets this stack: several times a grammar sandbox's (server/grammar_compiler.py).

@@ -17,6 +17,7 @@ from server.async_engine import EngineDeadError, RequestFailedError, ServerShutt
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
+from server.generation_config import API_SAMPLING_DEFAULTS
 from server.middleware import (DEFAULT_BODY_TIMEOUT, APIKeyMiddleware, BodySizeLimitMiddleware, RateLimitMiddleware,
                                RequestIdMiddleware)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -106,7 +107,11 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
         return {"id": state.model_name, "object": "model", "created": created, "owned_by": "sinkserve",
                 "max_model_len": state.max_model_len, **{key: state.served_as[key] for key in
                                                          ("quantization", "dtype", "kv_cache_dtype")
-                                                         if key in state.served_as}}
+                                                         if key in state.served_as},
+                # What a request that leaves these out gets (server/generation_config.py).
+                "default_sampling": {**API_SAMPLING_DEFAULTS, **state.generation.sampling},
+                "default_sampling_source": state.generation.source,
+                "default_max_tokens": state.default_max_tokens}
 
     @app.get("/v1/models")
     async def models():

@@ -48,3 +48,9 @@ DEFAULT_GRAMMAR_COMPILE_TIMEOUT = 3.0
 # The stack of every thread of the server process: eight times a grammar sandbox's (2 MiB,
 # server/grammar_worker.py), so that a grammar its sandbox survives the server survives.
 SERVER_THREAD_STACK_BYTES = 16 * 2**20
+
+# --default-max-tokens (server/serving.py): output tokens a request that sets no max_tokens gets
+# at most. vLLM's default is the rest of the context; at a few dozen tokens a second on a CPU, a
+# small model that loops at temperature 0 would run for minutes, so the cap is what a long answer
+# needs and a finish_reason "length" says when it cut one.
+DEFAULT_MAX_TOKENS = 1024

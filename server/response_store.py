@@ -1,4 +1,8 @@
-"""The Responses API's stored responses: in memory, bounded, per API key. Plain Python.
+"""The Responses API's stored responses: what a store keeps and the interface of every store,
+bounded, per API key; `MemoryResponseStore` keeps them in this process (`--response-store memory`),
+`server/response_store_sqlite.py` in a file that survives restarts and that the replicas of one
+host share (the default), `server/response_store_redis.py` in Redis, for replicas on several
+hosts. `open_response_store` opens the one `--response-store` names. Plain Python.
 
 A stored response keeps what its turn added to the conversation (its own input messages and
 its output text, never its `instructions`, which OpenAI does not carry over) and a reference to
@@ -26,9 +30,11 @@ at once (each is O(1)); a lock makes the store safe to use from worker threads t
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,8 +92,63 @@ class StoredResponse:
         return messages
 
 
+class ResponseStore(ABC):
+    """Where stored responses live. Every method is thread-safe and may block briefly (a file or
+    a network store): callers on the event loop run them in a worker thread. The sessions they
+    return are engine sessions (of this process) that the caller ends."""
+
+    max_chain_tokens: int
+    description: str  # for the startup log
+
+    @abstractmethod
+    def get(self, response_id: str, tenant: str | None) -> tuple[StoredResponse | None, list[str]]:
+        """The tenant's response with its history (None: unknown, expired, or another tenant's),
+        marked as used; and the sessions to end."""
+
+    @abstractmethod
+    def add(self, node: StoredResponse) -> list[str]:
+        """Keep a new response (its parents' history with it); the sessions to end."""
+
+    @abstractmethod
+    def delete(self, response_id: str, tenant: str | None) -> tuple[bool, list[str]]:
+        """Forget the tenant's response: whether it was there, and the sessions to end."""
+
+    @abstractmethod
+    def expire(self) -> list[str]:
+        """Forget responses idle past the TTL; the sessions to end."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Responses kept by id."""
+
+    def close(self) -> None:
+        """Release the store's connections."""
+
+
+def default_response_store_path() -> str:
+    """Where `--response-store` keeps responses by default: under $XDG_STATE_HOME (~/.local/state)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "sinkserve", "responses.sqlite3")
+
+
+def open_response_store(spec: str, max_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+                        ttl: float = DEFAULT_RESPONSE_TTL, max_bytes: int = DEFAULT_RESPONSE_STORE_BYTES,
+                        max_chain_tokens: int = DEFAULT_MAX_CHAIN_TOKENS) -> ResponseStore:
+    """The store `--response-store` names: "memory", a redis:// or rediss:// URL, or the path of
+    an SQLite file (created with its directory)."""
+    if spec == "memory":
+        return MemoryResponseStore(max_responses, ttl, max_bytes, max_chain_tokens)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from server.response_store_redis import RedisResponseStore
+        return RedisResponseStore(spec, max_responses, ttl, max_bytes, max_chain_tokens)
+    from server.response_store_sqlite import SQLiteResponseStore
+    return SQLiteResponseStore(spec, max_responses, ttl, max_bytes, max_chain_tokens)
+
+
 @dataclass
-class ResponseStore:
+class MemoryResponseStore(ResponseStore):
+    """Responses in this process's memory: lost on restart, and a replica sees only its own."""
+
     max_responses: int = DEFAULT_MAX_STORED_RESPONSES
     ttl: float = DEFAULT_RESPONSE_TTL
     max_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
@@ -102,6 +163,7 @@ class ResponseStore:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     num_bytes: int = 0  # of every response alive (kept, or needed by a kept one)
     num_alive: int = 0
+    description: str = "in memory (lost on restart, one replica's own)"
 
     def __len__(self) -> int:
         return len(self._kept)

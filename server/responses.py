@@ -38,8 +38,8 @@ from server.middleware import request_tenant
 from server.response_store import Chain, StoredResponse
 from server.request_text import check_text_sizes, utf8_size
 from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
-from server.serving import (Job, ServerState, cache_salt, check_prompt, engine_api_error, json_response,
-                            run_prompts, session_key, until_disconnected)
+from server.serving import (Job, ServerState, cache_salt, capped_output, check_prompt, engine_api_error,
+                            json_response, run_prompts, session_key, until_disconnected)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,9 @@ async def _end_sessions(state: ServerState, sessions: list[str]) -> None:
             await state.engine.call(lambda engine: [engine.end_session(session) for session in sessions])
 
 
-def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
-    node, ended = state.response_store.get(response_id, request_tenant(raw.scope))
+async def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
+    """The tenant's stored response (in a worker thread: the store may be a file or a server)."""
+    node, ended = await run_in_threadpool(state.response_store.get, response_id, request_tenant(raw.scope))
     _spawn_session_ends(state, ended)
     return node
 
@@ -98,14 +99,14 @@ async def create_response(state: ServerState, body: ResponseRequest, raw: Reques
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     previous = None
     if body.previous_response_id is not None:
-        previous = _lookup(state, body.previous_response_id, raw)
+        previous = await _lookup(state, body.previous_response_id, raw)
         if previous is None:
             raise _not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
     try:
         windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
     except ValueError as exc:
         raise APIError(400, str(exc), param="attention_window") from exc
-    params = _sampling_params(state, body, _output_budget(state, body, windowed))
+    params = _sampling_params(state, body, capped_output(state, windowed, body.max_output_tokens, "max_output_tokens"))
     state.check_capacity()
     response_id = f"resp_{uuid.uuid4().hex}"
     chain = None
@@ -129,28 +130,16 @@ async def create_response(state: ServerState, body: ResponseRequest, raw: Reques
     return await json_response(payload) if payload is not None else Response(status_code=499)
 
 
-def _output_budget(state: ServerState, body: ResponseRequest, windowed: bool) -> int | None:
-    """max_output_tokens, as output_budget does for the other routes: with a StreamingLLM
-    window, the server's cap by default and at most (a dense reply is bounded by the context)."""
-    if not windowed:
-        return body.max_output_tokens
-    if body.max_output_tokens is None:
-        return state.max_output_tokens
-    if body.max_output_tokens > state.max_output_tokens:
-        raise APIError(400, f"max_output_tokens is {body.max_output_tokens}, more than this server's limit of "
-                            f"{state.max_output_tokens} output tokens per response.", param="max_output_tokens")
-    return body.max_output_tokens
-
-
 def _sampling_params(state: ServerState, body: ResponseRequest, max_tokens: int | None) -> SamplingParams:
     def pick(name: str, fallback):
         value = getattr(body, name, None)
-        return value if value is not None else state.defaults.get(name, fallback)
+        return value if value is not None else state.generation.sampling.get(name, fallback)
 
     try:
         return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
                               top_k=pick("top_k", None), min_p=pick("min_p", 0.0),
-                              repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens)
+                              repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens,
+                              default_max_tokens=state.default_max_tokens)
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 
@@ -410,7 +399,7 @@ async def retrieve_response(state: ServerState, response_id: str, raw: Request, 
                             "background", param="stream")
     if include:
         raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = _lookup(state, response_id, raw)
+    node = await _lookup(state, response_id, raw)
     if node is None:
         raise _not_found(response_id)
     return await json_response(await run_in_threadpool(_stored_object, node))
@@ -419,7 +408,7 @@ async def retrieve_response(state: ServerState, response_id: str, raw: Request, 
 async def delete_response(state: ServerState, response_id: str, raw: Request) -> dict:
     """Forget a response; if its chain's session holds its turn (it was the chain's head), or
     it was the chain's last response kept, the session's cache ends too."""
-    deleted, ended = state.response_store.delete(response_id, request_tenant(raw.scope))
+    deleted, ended = await run_in_threadpool(state.response_store.delete, response_id, request_tenant(raw.scope))
     await _end_sessions(state, ended)
     if not deleted:
         raise _not_found(response_id)
@@ -437,7 +426,7 @@ async def list_input_items(state: ServerState, response_id: str, raw: Request, a
                            order: str, include: list[str] | None) -> Response:
     if include:
         raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = _lookup(state, response_id, raw)
+    node = await _lookup(state, response_id, raw)
     if node is None:
         raise _not_found(response_id)
 

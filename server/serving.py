@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -28,19 +27,18 @@ from server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from server.chat_template import ChatTemplate
 from server.tool_parsers import ToolParser, tool_parser
 from server.errors import APIError, sse_error, utf8_safe
+from server.generation_config import GenerationDefaults
 from server.grammar_compiler import DEFAULT_COMPILE_TIMEOUT, GrammarCompiler
 from server.metrics import Metrics
 from server.middleware import request_tenant
 from server.protocol import SESSION_ID_PATTERN, SamplingFields
-from server.response_store import ResponseStore
+from server.response_store import MemoryResponseStore, ResponseStore
 
 logger = logging.getLogger(__name__)
 
-# Request fields that take their default from generation_config.json when the client omits them.
-GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # Output tokens a request with a StreamingLLM window may ask for (its context never fills up);
 # `--max-output-tokens` sets it, by default to the CLI's default (server/defaults.py).
-from server.defaults import DEFAULT_MAX_OUTPUT_TOKENS  # noqa: E402
+from server.defaults import DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MAX_TOKENS  # noqa: E402
 # Logprob entries (the token's and each alternative) one request may hold, prompt and output
 # together: about 100 bytes each in memory and in the JSON, so 25-50 MB at most per request.
 MAX_LOGPROB_ENTRIES = 2**18
@@ -58,7 +56,11 @@ class ServerState:
     metrics: Metrics
     model_name: str
     max_model_len: int
-    defaults: dict = field(default_factory=dict)
+    # Defaults of the sampling fields a request leaves out, from the model (server/generation_config.py).
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    # Output tokens a request that sets no max_tokens gets at most (--default-max-tokens; None:
+    # up to the context).
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
     max_waiting_requests: int | None = None  # None: unbounded
     request_timeout: float | None = None  # seconds; None: no deadline unless a request sets one
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS  # per completion, with a StreamingLLM window
@@ -67,7 +69,7 @@ class ServerState:
     shared_prefix_cache: bool = False
     # The Responses API's stored responses and their bounds (server/response_store.py;
     # --max-stored-responses, --response-ttl, --response-store-memory, --max-chain-tokens).
-    response_store: ResponseStore = field(default_factory=ResponseStore)
+    response_store: ResponseStore = field(default_factory=MemoryResponseStore)
     # How model replies are read for tool calls (server/tool_parsers.py; "auto": the format the
     # chat template teaches).
     tool_call_parser: str = "auto"
@@ -139,26 +141,25 @@ class Job:
     streamed: bool = False  # the client reads the outputs as they come (backpressure applies)
 
 
-def load_generation_defaults(model_dir: Path) -> dict:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text())
-    return {key: config[key] for key in GENERATION_CONFIG_DEFAULTS if config.get(key) is not None}
-
-
 def output_budget(state: ServerState, body: SamplingFields, max_tokens: int | None) -> int | None:
-    """A request's max_tokens: with a StreamingLLM window, whose context never fills, a missing
-    one becomes the server's cap, and more than the cap is refused (dense requests are bounded by
-    the context)."""
-    if state.engine.sink_policy(body.attention_sinks, body.attention_window) is None:
-        return max_tokens
-    if max_tokens is None:
-        return state.max_output_tokens
-    if max_tokens > state.max_output_tokens:
-        raise APIError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
-                            f"{state.max_output_tokens} output tokens per completion.", param="max_tokens")
-    return max_tokens
+    """A chat or completions request's max_tokens (`capped_output`)."""
+    windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    return capped_output(state, windowed, max_tokens, "max_tokens")
+
+
+def capped_output(state: ServerState, windowed: bool, requested: int | None, param: str) -> int | None:
+    """The output tokens a request may generate: what it asks for, else the server's default
+    (--default-max-tokens; None: up to the context). With a StreamingLLM window, whose context
+    never fills, --max-output-tokens bounds both (more is refused); a dense request is bounded
+    by the context too."""
+    if requested is None:
+        # Dense: None, and the sampling params carry the default (it must not make a long prompt
+        # a context error: the context ends the reply first).
+        return min(state.default_max_tokens or state.max_output_tokens, state.max_output_tokens) if windowed else None
+    if windowed and requested > state.max_output_tokens:
+        raise APIError(400, f"{param} is {requested}, more than this server's limit of "
+                            f"{state.max_output_tokens} output tokens per completion.", param=param)
+    return requested
 
 
 def check_logprob_volume(state: ServerState, params: SamplingParams, prompt_lengths: list[int]) -> None:
@@ -169,7 +170,8 @@ def check_logprob_volume(state: ServerState, params: SamplingParams, prompt_leng
         entries += sum(prompt_lengths) * params.n * (params.prompt_logprobs + 1)
     if params.logprobs is not None:
         longest = max(state.max_model_len - min(prompt_lengths), 1)
-        max_tokens = params.max_tokens if params.max_tokens is not None else longest
+        max_tokens = params.max_tokens if params.max_tokens is not None else min(
+            longest, max(params.default_max_tokens or longest, params.min_tokens))
         entries += len(prompt_lengths) * params.n * max_tokens * (params.logprobs + 1)
     if entries > MAX_LOGPROB_ENTRIES:
         raise APIError(400, f"This request asks for {entries} logprobs (tokens x (logprobs + 1), prompt and output "
@@ -181,7 +183,7 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     def pick(name: str, fallback):
         value = getattr(body, name)
-        return value if value is not None else state.defaults.get(name, fallback)
+        return value if value is not None else state.generation.sampling.get(name, fallback)
 
     vocab = state.tokenizer.vocab_size
     if body.logit_bias and any(not 0 <= t < vocab for t in body.logit_bias):
@@ -194,6 +196,7 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
             top_k=pick("top_k", None), min_p=pick("min_p", 0.0),
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=pick("repetition_penalty", 1.0), seed=body.seed, max_tokens=max_tokens,
+            default_max_tokens=state.default_max_tokens,
             min_tokens=body.min_tokens, stop=body.stop or (), stop_token_ids=body.stop_token_ids or (),
             ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens,

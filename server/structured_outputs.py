@@ -11,8 +11,9 @@ The grammar is built in a worker thread and compiled by the server's grammar com
 sandbox process tries it first: server/grammar_compiler.py); one that llguidance cannot
 compile, a schema using a feature it does not implement, or one past the compiler's bounds
 (its deadline, its memory, a depth that crashes the compiler) is a 400 naming the parameter
-and the reason. `strict: false` is served as strictly as `true`: the output
-always validates.
+and the reason. The output always validates against the schema: with `strict: true` in
+OpenAI's meaning (no property the schema does not list, all that it lists:
+server/strict_schema.py), else in JSON Schema's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scheduler.structured_output import (GrammarError, choice_grammar, json_sche
 from server.errors import APIError
 from server.grammar_compiler import CompilerBusyError, CompilerUnavailableError
 from server.protocol import SamplingFields
+from server.strict_schema import strict_schema
 
 ANY_JSON_OBJECT = {"type": "object"}
 # llguidance's GBNF converter is Python and quadratic in rules: a 32 KiB chain of 2,150 rules
@@ -45,7 +47,10 @@ def requested_grammar(body: SamplingFields) -> tuple[str | None, str | None]:
         if response_format is not None and response_format.type == "json_object":
             return json_schema_grammar(ANY_JSON_OBJECT), "response_format"
         if response_format is not None and response_format.type == "json_schema":
-            return json_schema_grammar(response_format.json_schema.json_schema), "response_format"
+            schema = response_format.json_schema.json_schema
+            if response_format.json_schema.strict and isinstance(schema, dict):
+                schema = strict_schema(schema)
+            return json_schema_grammar(schema), "response_format"
         if outputs is None:
             return None, None
         if outputs.json_ is not None:
@@ -85,8 +90,11 @@ async def output_grammar(state, body: SamplingFields, salt: str | None, tenant: 
         tool_grammar = forced_calls() if forced_calls is not None else None
         if tool_grammar is not None:
             if grammar is not None:
-                raise APIError(400, f"{param} cannot be combined with a tool_choice that forces a call",
-                               param="tool_choice")
+                forced = body.tool_choice not in (None, "auto")
+                raise APIError(400, f"{param} cannot be combined with a tool_choice that forces a call" if forced else
+                               f"{param} cannot be combined with strict tools under tool_choice \"auto\" (their "
+                               "calls follow a grammar too): give the tools strict false, or drop the format",
+                               param="tool_choice" if forced else "tools")
             grammar, param = tool_grammar, "tools"
         return grammar, param
 

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from server.strict_schema import strict_schema
+
 
 @dataclass
 class ToolCall:
@@ -67,6 +69,11 @@ def _object_members(text: str, start: int) -> tuple[dict[str, tuple[object, str]
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
+def _lark_regex(text: str) -> str:
+    """`text` as a literal inside a Lark regex (`/.../`, Rust regex syntax)."""
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$#&-~/" else c for c in text)
+
+
 def _rebased_refs(schema, root: str):
     """A copy of a JSON schema whose local references ("#" and "#/...") point into it where it
     now sits, at the pointer `root` of a larger document. Walked without recursion (a schema may
@@ -108,6 +115,9 @@ class ToolParser(ABC):
     block_end: ClassVar[str]
     call_separator: ClassVar[str | None]
     arguments_keys: ClassVar[tuple[str, ...]] = ("arguments",)  # the first is the one the grammar writes
+    # The text that opens a call once written (under tool_choice "auto" with strict tools, the
+    # grammar takes over there): the block's tag.
+    call_opener: ClassVar[str] = ""
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The whole output -> its content outside the calls (stripped; None when empty) and its calls."""
@@ -133,23 +143,49 @@ class ToolParser(ABC):
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         """A Lark grammar (llguidance's dialect) for one call (or, `parallel`, one or more) in this format, each to
-        one of the OpenAI `tools` with arguments valid against its parameters schema; nothing outside the calls."""
+        one of the OpenAI `tools` with arguments valid against its parameters schema (in OpenAI's strict meaning for
+        a function with `strict`: server/strict_schema.py); nothing outside the calls."""
+        return f"{self._start_rule(parallel)}\ncall: %json {json.dumps(self._call_schema(tools, strict_only=False))}\n"
+
+    def auto_grammar(self, tools: list[dict], parallel: bool) -> str:
+        """A Lark grammar for tool_choice "auto" with strict tools: the reply is free until it opens a call in this
+        format; from there the call must be well formed, name one of `tools`, and give a strict function's
+        arguments valid against its schema (another function's: any JSON object)."""
+        opener = _lark_regex(self.call_opener)
+        text = rf"TEXT: /(?s:.*)/ & ~/(?s:.*){opener}(?s:.*)/"
+        opening = rf"OPEN: /(?s:.*){opener}/ & ~/(?s:.*){opener}(?s:.+)/"
+        blocks = "*" if parallel else "?"
+        return (f"start: (OPEN {self._block_rest(parallel)}){blocks} TEXT\n{text}\n{opening}\n"
+                f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n")
+
+    def _call_schema(self, tools: list[dict], strict_only: bool) -> dict:
+        """The JSON schema of one call to one of `tools`; with `strict_only`, the arguments of a function without
+        `strict` are any JSON object."""
         if not tools:
             raise ValueError("a tool-call grammar needs at least one tool")
         key = self.arguments_keys[0]
+
+        def arguments(function: dict, i: int) -> dict:
+            if strict_only and not function.get("strict"):
+                return {"type": "object"}
+            schema = function.get("parameters") or {"type": "object"}
+            schema = strict_schema(schema) if function.get("strict") else schema
+            return _rebased_refs(schema, f"#/anyOf/{i}/properties/{key}")
+
         # Each tool's parameters sit at /anyOf/i/properties/<key> of the call's schema: their own
         # references ("#/$defs/...") are rebased there.
-        schema = {"anyOf": [{"type": "object",
-                             "properties": {"name": {"const": function["name"]},
-                                            key: _rebased_refs(function.get("parameters") or {"type": "object"},
-                                                               f"#/anyOf/{i}/properties/{key}")},
-                             "required": ["name", key], "additionalProperties": False}
-                            for i, function in enumerate(tool["function"] for tool in tools)]}
-        return f"{self._start_rule(parallel)}\ncall: %json {json.dumps(schema)}\n"
+        return {"anyOf": [{"type": "object",
+                           "properties": {"name": {"const": function["name"]}, key: arguments(function, i)},
+                           "required": ["name", key], "additionalProperties": False}
+                          for i, function in enumerate(tool["function"] for tool in tools)]}
 
     @abstractmethod
     def _start_rule(self, parallel: bool) -> str:
         """The grammar's start rule, placing the rule `call` (one call's JSON object) in this format."""
+
+    def _block_rest(self, parallel: bool) -> str:
+        """What follows `call_opener` in a block this format writes: its call(s) and its end."""
+        raise NotImplementedError
 
     def _block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
         """Where the first block opens in text (the rest of an output; `at_output_start` when it is all of it):
@@ -203,10 +239,14 @@ class HermesToolParser(ToolParser):
     block_start = "<tool_call>"
     block_end = "</tool_call>"
     call_separator = None
+    call_opener = "<tool_call>"
 
     def _start_rule(self, parallel: bool) -> str:
         block = r'"<tool_call>\n" call "\n</tool_call>"'
         return rf'start: {block} ("\n" {block})*' if parallel else f"start: {block}"
+
+    def _block_rest(self, parallel: bool) -> str:
+        return r'"\n" call "\n</tool_call>"'
 
 
 class SmolLM2ToolParser(ToolParser):
@@ -219,10 +259,14 @@ class SmolLM2ToolParser(ToolParser):
     block_start = "<tool_call>["
     block_end = "]</tool_call>"
     call_separator = ","
+    call_opener = "<tool_call>"
 
     def _start_rule(self, parallel: bool) -> str:
+        return f'start: "<tool_call>" {self._block_rest(parallel)}'
+
+    def _block_rest(self, parallel: bool) -> str:
         calls = 'call (", " call)*' if parallel else "call"
-        return f'start: "<tool_call>[" {calls} "]</tool_call>"'
+        return f'"[" {calls} "]</tool_call>"'
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -238,6 +282,12 @@ class Llama3JsonToolParser(ToolParser):
 
     def _start_rule(self, parallel: bool) -> str:
         return 'start: call ("; " call)*' if parallel else "start: call"
+
+    def auto_grammar(self, tools: list[dict], parallel: bool) -> str:
+        # Calls are the whole output, so an output that opens with "{" (after whitespace) is calls.
+        calls = 'call ("; " call)*' if parallel else "call"
+        return (f"start: TEXT | {calls}\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*\\{{(?s:.*)/\n"
+                f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n")
 
     def _block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
         if not at_output_start:

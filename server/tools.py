@@ -3,9 +3,11 @@
 - The request's `tools` go to the chat template as `tools`; past assistant `tool_calls` (their
   arguments parsed into a dict, as templates expect) and `tool` messages are rendered by it.
 - `tool_choice`: "none" (the tools are in the prompt, the reply is not parsed for calls),
-  "auto" (the default with tools: the reply is parsed by the server's tool parser), "required"
-  or a named function (a grammar forces one call, or with `parallel_tool_calls` one or more,
-  whose arguments validate against the function's `parameters`).
+  "auto" (the default with tools: the reply is parsed by the server's tool parser; once it
+  opens a call, a grammar holds the call to the format, the tools' names, and a `strict`
+  function's `parameters`), "required" or a named function (a grammar forces one call, or with
+  `parallel_tool_calls` one or more, whose arguments validate against the function's
+  `parameters`, in OpenAI's strict meaning for a `strict` function: server/strict_schema.py).
 - A reply with calls has `message.tool_calls` (`id`, `type: "function"`, `function.name`,
   `function.arguments` as JSON text), the text before them as `content` (null when none), and
   `finish_reason: "tool_calls"`; streamed, the calls come as `delta.tool_calls` with their index,
@@ -50,10 +52,15 @@ def parses_calls(body: ChatCompletionRequest) -> bool:
 
 
 def tool_grammar(parser: ToolParser, body: ChatCompletionRequest) -> str | None:
-    """The grammar that `tool_choice` "required" or a named function imposes (None: free)."""
+    """The grammar that `tool_choice` "required" or a named function imposes, or under "auto" a
+    strict function (None: free)."""
     choice = body.tool_choice
-    if not body.tools or choice in (None, "none", "auto"):
+    if not body.tools or choice == "none":
         return None
+    if choice in (None, "auto"):
+        if not any(tool.function.strict for tool in body.tools):
+            return None
+        return lark_grammar(parser.auto_grammar(template_tools(body), body.parallel_tool_calls))
     if choice == "required":
         tools, parallel = template_tools(body), body.parallel_tool_calls
     else:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +19,11 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Each test server keeps its stored responses (the default --response-store, under
+# $XDG_STATE_HOME) in a folder of its own, not the user's; servers meant to share a store (the
+# replicas of a test, a restarted server) are given the same XDG_STATE_HOME in `env`.
+STATE_ROOT = tempfile.mkdtemp(prefix="sinkserve-test-state-")
+atexit.register(shutil.rmtree, STATE_ROOT, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -27,8 +35,10 @@ def free_port() -> int:
 class ServerProcess:
     """A running server; `url` is its base URL. Use as a context manager or call stop()."""
 
-    def __init__(self, *args: str, env: dict | None = None, startup_timeout: float = 120.0):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, startup_timeout: float = 120.0, port: int | None = None):
+        self.args = args
+        self.env = {"XDG_STATE_HOME": tempfile.mkdtemp(dir=STATE_ROOT), **(env or {})}
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "server", "--port", str(self.port), "--threads", "1",
                    "--log-level", "warning", *args]
@@ -36,7 +46,7 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **self.env})
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -20,7 +20,7 @@ from server import defaults
 from server.__main__ import build_parser, listen_error, parse_args
 from tests.conftest import REPO_ROOT
 
-GROUPS = ("model", "device", "memory", "scheduling", "StreamingLLM", "sessions", "responses", "structured output",
+GROUPS = ("model", "device", "sampling defaults", "memory", "scheduling", "StreamingLLM", "sessions", "responses", "structured output",
           "server", "security", "logging")
 
 # Parses a few command lines and prints --help in a fresh interpreter, then reports what that imported.
@@ -107,12 +107,13 @@ def test_the_defaults_are_the_documented_ones():
         "model": None, "served_model_name": None, "load_format": "auto", "seed": 0, "tool_call_parser": "auto",
         "device": "auto", "dtype": "auto", "threads": cpu_threads.default_threads(), "attention_backend": None,
         "quantization": "auto", "quantization_group_size": 32, "smoothquant_alpha": 0.5, "no_smoothquant": False,
-        "kv_cache_dtype": "auto",
+        "kv_cache_dtype": "auto", "generation_config": "auto", "override_generation_config": None,
+        "default_max_tokens": None,
         "enforce_eager": False, "block_size": 16, "num_kv_blocks": None, "kv_cache_memory": 1.0,
         "gpu_memory_utilization": 0.9, "max_model_len": None, "no_prefix_caching": False, "max_num_seqs": 256,
         "max_num_batched_tokens": 2048, "max_waiting_requests": 1024, "request_timeout": None,
         "attention_sinks": 4, "attention_window": None, "max_output_tokens": 65536, "session_ttl": 600.0,
-        "session_memory": 1.0, "max_stored_responses": 10_000, "response_ttl": 86400.0,
+        "session_memory": 1.0, "response_store": None, "max_stored_responses": 10_000, "response_ttl": 86400.0,
         "response_store_memory": 1.0, "max_chain_tokens": 262_144, "grammar_compile_timeout": 3.0,
         "grammar_mask_timeout": 0.02, "grammar_cache_memory": 0.25, "host": "127.0.0.1", "port": 8000,
         "max_connections": 2048, "header_timeout": 30.0, "body_timeout": 60.0,

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 
 from server.async_engine import RequestFailedError
 from server.metrics import Metrics
-from server.response_store import Chain, ResponseStore, StoredResponse
+from server.response_store import Chain, MemoryResponseStore, ResponseStore, StoredResponse
 from server.responses import _stream, _Turn
 from server.responses_protocol import ResponseRequest
 from server.serving import Job
@@ -137,7 +137,7 @@ def test_an_engine_error_mid_stream_ends_it_with_error_and_response_failed():
             raise RequestFailedError("The server had an error while generating this request.")
 
     state = SimpleNamespace(engine=FailingEngine(), metrics=Metrics(lambda: None, "m"), model_name="m",
-                            response_store=ResponseStore())
+                            response_store=MemoryResponseStore())
     body = ResponseRequest(input="hi", store=False)
     turn = _Turn(body, "resp_1", "msg_1", 0, None, None, None, (("msg_0", "user", "hi"),), 1.0, 1.0)
     turn.job = Job("resp_1", {}, [[1, 2]], SimpleNamespace(n=1), {}, streamed=True)
@@ -363,7 +363,7 @@ def _node(store: ResponseStore, response_id: str, parent: StoredResponse | None 
 
 def test_the_store_forgets_least_recently_used_and_idle_responses_and_ends_their_sessions():
     clock = _Clock()
-    store = ResponseStore(max_responses=3, ttl=10.0, clock=clock)
+    store = MemoryResponseStore(max_responses=3, ttl=10.0, clock=clock)
     a = _node(store, "a")
     assert store.add(a) == []
     b = _node(store, "b", parent=a)
@@ -381,7 +381,7 @@ def test_the_store_forgets_least_recently_used_and_idle_responses_and_ends_their
 
 
 def test_one_key_flooding_the_store_forgets_its_own_responses_first():
-    store = ResponseStore(max_responses=4)
+    store = MemoryResponseStore(max_responses=4)
     mine = _node(store, "mine", tenant="quiet")
     store.add(mine)
     for i in range(20):
@@ -392,7 +392,7 @@ def test_one_key_flooding_the_store_forgets_its_own_responses_first():
 
 
 def test_the_store_keeps_a_forgotten_responses_history_for_the_responses_that_continue_it():
-    store = ResponseStore(max_responses=10, max_bytes=10**9)
+    store = MemoryResponseStore(max_responses=10, max_bytes=10**9)
     a = _node(store, "a", text="x" * 10_000)
     store.add(a)
     b = _node(store, "b", parent=a)
@@ -409,7 +409,7 @@ def test_the_store_keeps_a_forgotten_responses_history_for_the_responses_that_co
     store.add(_node(store, "d", parent=c))
     assert store.num_alive == 2 and store.num_bytes == c.size + store.get("d", "t")[0].size
     # The memory bound evicts too, never the response just added.
-    small = ResponseStore(max_responses=10, max_bytes=a.size + 1)
+    small = MemoryResponseStore(max_responses=10, max_bytes=a.size + 1)
     small.add(_node(small, "p", text="x" * 10_000))
     small.add(_node(small, "q", text="x" * 10_000))
     assert small.get("p", "t")[0] is None and small.get("q", "t")[0] is not None

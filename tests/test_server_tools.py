@@ -197,6 +197,44 @@ def test_auto_parses_the_calls_a_reply_contains(server):
     assert none["finish_reason"] == "stop" and "<tool_call>[" in none["message"]["content"]
 
 
+def test_strict_means_strict(server, client):
+    """strict: true has OpenAI's meaning: an object has all the properties its schema lists and
+    no other, in a response_format and in a strict function's calls, forced or, under "auto",
+    once the reply opens a call."""
+    loose = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}}}
+    strict = {**loose, "required": ["name", "age"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Give me a person."}], temperature=0, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": loose, "strict": True}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), strict)
+
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": weather}}]
+    strict_weather = {**weather, "required": ["city", "unit"], "additionalProperties": False}
+    forced = _post(server, "chat/completions", {"messages": QUESTION, "tools": tools, "tool_choice": "required",
+                                                "temperature": 0, "max_tokens": 80}).json()
+    [call] = forced["choices"][0]["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), strict_weather)
+
+    # Under "auto" SmolLM2-135M seldom calls on its own: a small bias towards "<" makes it open
+    # a call, and from "<tool_call>" on the grammar holds it to the strict function.
+    [less_than] = httpx.post(f"{server.url}/tokenize", json={"prompt": "<", "add_special_tokens": False}).json()[
+        "tokens"]
+    body = {"messages": QUESTION, "tools": tools, "temperature": 0, "max_tokens": 60, "parallel_tool_calls": False,
+            "logit_bias": {str(less_than): 3}}
+    auto = _post(server, "chat/completions", body).json()["choices"][0]
+    [call] = auto["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), strict_weather)
+    content, streamed, _ = _streamed_calls(_chunks(server, body))
+    assert [(c["name"], c["arguments"]) for c in streamed] == [("get_weather", call["function"]["arguments"])]
+    # A response_format cannot hold the same reply: refused, naming the tools.
+    refused = _post(server, "chat/completions", {**body, "response_format": {"type": "json_object"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+    assert "strict" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("path, body, param, says", [
     ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format", "uniqueItems"),

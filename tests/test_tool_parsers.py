@@ -332,6 +332,56 @@ def test_a_tools_own_schema_references_resolve_in_the_grammar(tokenizer, fmt):
     assert accepts(tokenizer, grammar, WRITE[fmt]([("echo", '{"v": {"$ref": "#/x"}}')]))
 
 
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
+    {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}}}},
+]
+
+
+@pytest.mark.parametrize("fmt", WRITE)
+def test_a_strict_functions_arguments_have_all_its_properties_and_no_other(tokenizer, fmt):
+    grammar = tool_parser(fmt).grammar(STRICT_TOOLS, False)
+    write = WRITE[fmt]
+    assert accepts(tokenizer, grammar, write([("get_weather", '{"city": "Paris", "days": 2}')]))
+    assert not accepts(tokenizer, grammar, write([("get_weather", '{"city": "Paris"}')]))  # all are required
+    assert not accepts(tokenizer, grammar, write([("get_weather", '{"city": "P", "days": 2, "x": 1}')]))
+    # Without strict, JSON Schema's meaning: a property it does not forbid may appear, none is required.
+    assert accepts(tokenizer, grammar, write([("search", '{"q": "x", "page": 2}')]))
+    assert accepts(tokenizer, grammar, write([("search", "{}")]))
+
+
+@pytest.mark.parametrize("fmt", WRITE)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_under_auto_a_strict_call_is_held_once_the_reply_opens_it(tokenizer, fmt, parallel):
+    grammar = tool_parser(fmt).auto_grammar(STRICT_TOOLS, parallel)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert not is_error, messages
+    write = WRITE[fmt]
+    good = write([("get_weather", '{"city": "Paris", "days": 2}')])
+    assert accepts(tokenizer, grammar, "It is sunny in Paris, {braces} and <tags> included.")
+    assert accepts(tokenizer, grammar, "")
+    assert accepts(tokenizer, grammar, good)
+    assert accepts(tokenizer, grammar, write([("search", '{"anything": [1]}')]))  # not strict: any object
+    assert not accepts(tokenizer, grammar, write([("get_weather", '{"city": "Paris"}')]))
+    assert not accepts(tokenizer, grammar, write([("get_weather", '{"city": "P", "days": 1, "x": 2}')]))
+    assert not accepts(tokenizer, grammar, write([("get_wether", '{"city": "Paris", "days": 2}')]))
+    two = write([("search", '{"q": "a"}'), ("get_weather", '{"city": "Paris", "days": 2}')])
+    assert accepts(tokenizer, grammar, two) == parallel
+    if fmt != "llama3_json":  # where calls may follow content, content before a call is free
+        assert accepts(tokenizer, grammar, "Let me look. " + good)
+        assert not accepts(tokenizer, grammar, "Let me look. " + write([("get_weather", '{"city": 3, "days": 2}')]))
+        assert not accepts(tokenizer, grammar, "Let me look. <tool_call> and then text")  # an opened call is held
+    assert parse_as_before(fmt, good)
+
+
+def parse_as_before(fmt, text):
+    """What the grammar lets through is read by the parser as calls."""
+    return tool_parser(fmt).extract(text)[1] == [ToolCall("get_weather", '{"city": "Paris", "days": 2}')]
+
+
 def test_grammar_needs_tools():
     with pytest.raises(ValueError):
         tool_parser("hermes").grammar([], False)
