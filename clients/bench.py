@@ -269,14 +269,26 @@ def print_table(summary: dict) -> None:
         print(f"error: {error}")
 
 
-def plot(records: list[RequestRecord], summary: dict, path: str) -> Figure:
-    """Save a PNG of the latency distributions and of throughput over time; return the figure."""
+def run_title(args: argparse.Namespace, model: str) -> str:
+    """What was run, in one line: the model, the endpoint, the load and the lengths."""
+    load = f"{args.request_rate:g} req/s" if math.isfinite(args.request_rate) else "all at once"
+    concurrency = f"at most {args.max_concurrency} in flight" if args.max_concurrency else "no concurrency cap"
+    spread = f" (±{args.range_ratio:.0%})" if args.range_ratio else ""
+    return (f"{model} · /v1/{'chat/completions' if args.endpoint == 'chat' else 'completions'} · {load}, "
+            f"{concurrency} · {args.input_len} prompt / {args.output_len} output tokens{spread}")
+
+
+def plot(records: list[RequestRecord], summary: dict, path: str, title: str = "") -> Figure:
+    """Save a PNG of the latency distributions and of throughput over time, under `title` (what
+    was run: `run_title`); return the figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     values = metric_values(records)
     fig = Figure(figsize=(16, 9), layout="constrained")
     axes = fig.subplot_mosaic([["ttft", "tpot", "itl"], ["e2e", "tput", "tput"]])
-    fig.suptitle(f"{summary['completed']} requests ({summary['failed']} failed) in {summary['duration']:.1f} s: "
+    fig.suptitle((f"{title}\n" if title else "")
+                 + f"{summary['completed']} requests ({summary['failed']} failed) in {summary['duration']:.1f} s: "
                  f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.0f} output tok/s")
     legend = None
     for name in METRICS:
@@ -291,6 +303,7 @@ def plot(records: list[RequestRecord], summary: dict, path: str) -> Figure:
         if beyond := len(ms) - len(shown):
             ax.set_xlabel(f"ms (clipped at p99 = {p99:.2f} ms; {beyond} beyond)")
         ax.hist(shown, bins=50, color="tab:blue", alpha=0.7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no half requests on a small run
         ax.set_ylabel("gaps" if name == "itl" else "requests", color="tab:blue")
         cdf = ax.twinx()
         cdf.plot(shown, np.arange(1, len(shown) + 1) / len(ms), color="tab:red", drawstyle="steps-post")
@@ -323,8 +336,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         records, duration, model = asyncio.run(run(args))
+    except httpx.TransportError as exc:
+        raise SystemExit(f"benchmark setup failed: cannot reach the server at {args.url}: {exc} "
+                         "(is it running there? --url sets the address)") from exc
     except (APIError, httpx.HTTPError) as exc:
-        raise SystemExit(f"benchmark setup failed: {type(exc).__name__}: {exc}") from exc
+        raise SystemExit(f"benchmark setup failed at {args.url}: {type(exc).__name__}: {exc}") from exc
     summary = summarize(records, duration)
     print_table(summary)
     if args.result_json:
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump({"config": config, "definitions": DEFINITIONS, **summary,
                        "requests": [asdict(r) for r in records]}, f, indent=1)
     if args.plot:
-        plot(records, summary, args.plot)
+        plot(records, summary, args.plot, run_title(args, model))
     return summary
 
 

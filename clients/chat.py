@@ -27,7 +27,12 @@ USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 COMMANDS = {"/help": "list the commands", "/reset": "forget the conversation, keeping the system prompt",
             "/quit": "leave (as does Ctrl-D)"}
-BANNER = f"Commands: {', '.join(COMMANDS)}. Ctrl-C stops a reply."
+HELP_LINE = f"Commands: {', '.join(COMMANDS)}. Ctrl-C stops a reply."
+
+
+def unreachable(url: str, exc: Exception) -> str:
+    """What to say when the server cannot be reached."""
+    return f"cannot reach the server at {url}: {exc} (is it running there? --url sets the address)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name (default: the server's)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="most tokens per reply (default: until the model stops or the context is full)")
+                   help="most tokens per reply (default: the server's, its --default-max-tokens)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
     p.add_argument("--session-id", default=None, help="sent as the X-Session-ID header")
     return p.parse_args(argv)
@@ -68,13 +73,13 @@ def stream_reply(client: Client, request: dict) -> tuple[str, str | None]:
     return "".join(parts), finish_reason
 
 
-def converse(client: Client, args: argparse.Namespace) -> int:
+def converse(client: Client, args: argparse.Namespace, model: str) -> int:
     """The loop: read a line from input(), run a command or stream the reply; the exit status."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
-    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": args.model}
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": model}
     options = {key: value for key, value in options.items() if value is not None}
-    print(BANNER)
+    print(f"Chatting with {model} at {args.url}. {HELP_LINE}")
     while True:
         try:
             line = input(USER_PROMPT)
@@ -105,7 +110,8 @@ def converse(client: Client, args: argparse.Namespace) -> int:
         except (APIError, httpx.HTTPError) as exc:
             history.pop()  # the turn did not happen; the user may retry or /reset
             hint = " (try /reset)" if isinstance(exc, APIError) and exc.code == "context_length_exceeded" else ""
-            print(f"error: {exc}{hint}", file=sys.stderr)
+            message = unreachable(args.url, exc) if isinstance(exc, httpx.TransportError) else f"{exc}{hint}"
+            print(f"error: {message}", file=sys.stderr)
             continue
         if finish_reason == "interrupted":
             print("(reply stopped)")
@@ -117,7 +123,19 @@ def converse(client: Client, args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     headers = {"X-Session-ID": args.session_id} if args.session_id else None
     with Client(args.url, api_key=args.api_key, headers=headers) as client:
-        return converse(client, args)
+        try:  # the server, its key and its model are checked before the first line is typed
+            served = [entry["id"] for entry in client.models()]
+        except httpx.TransportError as exc:
+            print(f"error: {unreachable(args.url, exc)}", file=sys.stderr)
+            return 1
+        except (APIError, httpx.HTTPError) as exc:
+            print(f"error: the server at {args.url} answered: {exc}", file=sys.stderr)
+            return 1
+        model = args.model or served[0]
+        if model not in served:
+            print(f"error: the server at {args.url} serves {', '.join(served)}, not {model}", file=sys.stderr)
+            return 1
+        return converse(client, args, model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,7 +58,7 @@ def size_kv_pool(model: LlamaForCausalLM, block_size: int, num_kv_blocks: int | 
         else:
             budget = kv_cache_memory
         num_kv_blocks = min(budget // per_block, max_num_seqs * blocks_per_seq)
-        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_kv_blocks, block_size,
+        logger.debug("KV pool: %d blocks of %d tokens (%.1f MiB)", num_kv_blocks, block_size,
                     num_kv_blocks * per_block / 2**20)
     if num_kv_blocks < blocks_per_seq:
         raise ValueError(

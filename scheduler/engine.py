@@ -85,6 +85,18 @@ class GenerationResult:
         return self.completions[0].text
 
 
+class _Stages:
+    """Startup progress: one log line per stage done, with the seconds it took."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def done(self, message: str, *args) -> None:
+        now = time.perf_counter()
+        logger.info(message + " (%.1f s)", *args, now - self.last)
+        self.last = now
+
+
 class Engine:
     """A model, its KV pool and a continuous-batching scheduler, built from an EngineConfig."""
 
@@ -95,8 +107,12 @@ class Engine:
         self.config = config = EngineConfig(model, device, dtype, **options)
         # Everything that can be wrong with the files is found before any weight is read.
         self.model_path = resolve_model_path(config.model)
+        stage = _Stages()
+        logger.info("loading %s", self.model_path)
         model_cfg = model_config(self.model_path)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        stage.done("config and tokenizer read: %d layers, hidden size %d, %d tokens", model_cfg.num_hidden_layers,
+                   model_cfg.hidden_size, self.tokenizer.vocab_size)
         if config.load_format != "dummy":  # random weights belong to no tokenizer: only padded
             check_vocab_size(self.tokenizer, model_cfg.vocab_size, str(self.model_path))
         self.tokenizer.pad_vocab(model_cfg.vocab_size)
@@ -105,8 +121,11 @@ class Engine:
         self.quantization, self.dtype = resolve_quantization(
             config.quantization, self.model_path, model_cfg, self.device, requested,
             config.quantization_group_size, config.smoothquant_alpha)
+        logger.info("reading the weights (%s, %s on %s)...", self.quantization.describe(),
+                    str(self.dtype).removeprefix("torch."), self.device)
         self.model = load_model(self.model_path, self.dtype, self.device, config.load_format, config.seed,
                                 self.quantization)
+        stage.done("weights read%s", " and quantized" if self.quantization.method != "none" else "")
         if config.kv_cache_dtype == "fp8":
             raise ValueError("kv_cache_dtype fp8 is not offered; int8 (a scale per token and head) holds as many "
                              "tokens per GiB on every device")
@@ -134,9 +153,13 @@ class Engine:
         if num_host_blocks > 0:
             self.scheduler.sessions.host = HostTier(num_host_blocks, HostKVPool(self.runner.kv_caches,
                                                                                num_host_blocks))
+        stage.done("KV pool allocated: %d blocks of %d tokens (%.1f MiB), %d host blocks for idle sessions",
+                   num_blocks, config.block_size, sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches) / 2**20,
+                   max(num_host_blocks, 0))
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
             try:
                 self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len)
+                stage.done("CUDA graphs captured for decode steps")
             except Exception:  # a driver or triton that cannot capture: run eagerly rather than not at all
                 logger.exception("CUDA graph capture failed; decode steps run eagerly")
                 self.runner.decode_graphs = None

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,8 @@ from model.threads import THREADS_HELP, default_threads
 from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
                              DEFAULT_GRAMMAR_MASK_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
                              DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT_TOKENS,
-                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_RESPONSE_STORE_BYTES, DEFAULT_RESPONSE_TTL,
-                             SERVER_THREAD_STACK_BYTES)
+                             DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_RESPONSE_STORE_BYTES,
+                             DEFAULT_RESPONSE_TTL, SERVER_THREAD_STACK_BYTES)
 from server.generation_config import GenerationConfigError, parse_overrides
 from server.response_store import default_response_store_path
 from server.tool_parsers import TOOL_PARSERS
@@ -371,40 +372,46 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_state(args: argparse.Namespace) -> ServerState:
-    from model.model_path import default_model_name
+    from model.model_path import default_model_name, resolve_model_path
     from scheduler.engine import Engine
     from server.async_engine import AsyncEngine
     from server.chat_template import ChatTemplate
+    from server.generation_config import resolve_generation_defaults
     from server.metrics import Metrics
     from server.response_store import open_response_store
-    from server.generation_config import resolve_generation_defaults
     from server.serving import ServerState
 
+    # The model's recommended sampling is read first: a GGUF's metadata is then parsed once, for
+    # this and for the engine (model.gguf_checkpoint.open_gguf keeps the reader).
+    path = resolve_model_path(args.model)
+    name = args.served_model_name or default_model_name(args.model, path)
+    started = time.perf_counter()
+    logger.info("reading the metadata of %s", path)
+    generation = resolve_generation_defaults(path, (name,), args.generation_config, args.override_generation_config)
+    logger.info("metadata read (%.1f s)", time.perf_counter() - started)
+    store = args.response_store or default_response_store_path()
+    try:
+        response_store = open_response_store(store, args.max_stored_responses, args.response_ttl,
+                                             int(args.response_store_memory * 2**30), args.max_chain_tokens)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        raise ResponseStoreError(f"--response-store {store}: {exc} (name another file, a redis:// URL, "
+                                 "or memory)") from None
     engine = Engine.from_config(engine_config(args))
-    name = args.served_model_name or default_model_name(args.model, engine.model_path)
-    generation = resolve_generation_defaults(engine.model_path, (name,), args.generation_config,
-                                             args.override_generation_config)
     default_max_tokens = args.default_max_tokens
     if default_max_tokens is None:
         default_max_tokens = generation.max_new_tokens or DEFAULT_MAX_TOKENS
     logger.info("sampling defaults %s (from %s); requests without max_tokens get at most %s", generation.sampling
                 or "temperature 1, top_p 1", generation.source, default_max_tokens or "the rest of the context")
-    try:
-        response_store = open_response_store(args.response_store or default_response_store_path(),
-                                             args.max_stored_responses, args.response_ttl,
-                                             int(args.response_store_memory * 2**30), args.max_chain_tokens)
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        raise ResponseStoreError(f"--response-store: {exc}") from None
     logger.info("stored responses are kept %s", response_store.description)
     async_engine = AsyncEngine(engine)
     return ServerState(
         engine=async_engine, tokenizer=engine.tokenizer, chat_template=ChatTemplate(engine.tokenizer),
         metrics=Metrics(async_engine.stats, name, engine.served_as()), model_name=name,
         max_model_len=engine.max_model_len, served_as=engine.served_as(),
-        generation=generation, default_max_tokens=default_max_tokens or None, max_waiting_requests=args.max_waiting_requests or None,
-        request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens,
-        shared_prefix_cache=args.shared_prefix_cache, tool_call_parser=args.tool_call_parser,
-        grammar_compile_timeout=args.grammar_compile_timeout,
+        generation=generation, default_max_tokens=default_max_tokens or None,
+        max_waiting_requests=args.max_waiting_requests or None, request_timeout=args.request_timeout,
+        max_output_tokens=args.max_output_tokens, shared_prefix_cache=args.shared_prefix_cache,
+        tool_call_parser=args.tool_call_parser, grammar_compile_timeout=args.grammar_compile_timeout,
         response_store=response_store,
     )
 

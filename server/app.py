@@ -138,6 +138,8 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.tools and body.messages is None:
+            raise APIError(400, "tools are rendered with messages only", param="tools")
         if body.messages is not None:
             tokens = await chat_prompt(state, body)
         else:

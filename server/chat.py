@@ -29,7 +29,7 @@ async def chat_prompt(state: ServerState, body) -> list[int]:
 
     def render() -> list[int]:
         messages = [template_message(m) for m in body.messages]
-        tools = template_tools(body) if isinstance(body, ChatCompletionRequest) else None
+        tools = template_tools(body)  # a chat request's, or /tokenize's
         try:
             return state.chat_template.encode(messages, body.add_generation_prompt, tools)
         except ToolsNotRenderedError as exc:

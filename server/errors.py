@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.tokenizer import replace_lone_surrogates
 
 logger = logging.getLogger(__name__)
+# Characters of a refusal's reason in the log at most (a reason may quote a name the client sent).
+MAX_LOGGED_REASON = 300
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
 
 
@@ -60,14 +62,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"Invalid value for '{path}': {message}" if param else message), param
 
 
+def _log_refusal(request: Request, status: int, message: str, param: str | None) -> None:
+    """A refused request's reason in the log (its request id comes with every line), never its body."""
+    shown = message if len(message) <= MAX_LOGGED_REASON else message[:MAX_LOGGED_REASON] + "..."
+    logger.info("%s %s refused with %d%s: %s", request.method, request.url.path, status,
+                f" (param {param})" if param else "", shown)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError):
+        _log_refusal(request, exc.status, exc.message, exc.param)
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
+        _log_refusal(request, 400, message, param)
         return error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)

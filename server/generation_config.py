@@ -128,9 +128,9 @@ def _from_hf_config(path: Path, source: str) -> GenerationDefaults:
 
 
 def _from_gguf(path: Path) -> GenerationDefaults:
-    import gguf
+    from model.gguf_checkpoint import open_gguf  # the loader's cached reader: a file is parsed once
 
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     sampling = {}
     for key, name in GGUF_SAMPLING_KEYS.items():
         entry = reader.fields.get(key)
@@ -142,9 +142,9 @@ def _from_gguf(path: Path) -> GenerationDefaults:
 
 
 def _gguf_names(path: Path) -> tuple[str, ...]:
-    import gguf
+    from model.gguf_checkpoint import open_gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     names = []
     for key in ("general.basename", "general.name"):
         entry = reader.fields.get(key)

@@ -54,6 +54,19 @@ _DO_NOTHING = {
     "metadata": (None, "metadata is only kept with store, which is not supported"),
 }
 
+# Chat fields of OpenAI's that this server does not implement, likewise: the deprecated spelling
+# of tools, and fields for models other than this one.
+_CHAT_DO_NOTHING = {
+    "functions": ([], "functions is deprecated and not supported: use tools"),
+    "function_call": ("none", "function_call is deprecated and not supported: use tool_choice"),
+    "modalities": (["text"], 'this model writes text only: modalities can only be ["text"]'),
+    "audio": (None, "this model writes text only: audio output is not supported"),
+    "reasoning_effort": (None, "reasoning_effort is not supported: this model does not reason before it answers"),
+    "prediction": (None, "prediction (predicted outputs) is not supported"),
+    "web_search_options": (None, "web_search_options is not supported: this server does not search the web"),
+    "verbosity": (None, "verbosity is not supported: a reply's length is bounded by max_tokens"),
+}
+
 
 def refuse(value: Any, allowed: Any, why: str) -> Any:
     """A field the server does not implement, accepted only at its do-nothing value."""
@@ -261,6 +274,19 @@ class ChatMessage(StrictModel):
     tool_calls: FastList(ToolCall, max_length=MAX_TOOLS) | None = None  # an assistant's calls
     tool_call_id: StrictStr | None = None  # the call a tool message answers
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value):
+        """A part that is not text (an image, audio, a file) is named, before the union's errors
+        would say only that a string was expected."""
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"this model takes text only: a content part of type {kind[:64]!r} cannot be "
+                                     "read (send text, or parts of type 'text')")
+        return value
+
     @model_validator(mode="after")
     def _content(self):
         if self.content is None and self.role != "assistant":
@@ -310,19 +336,21 @@ class ChatCompletionRequest(SamplingFields):
     tools: FastList(Tool, max_length=MAX_TOOLS) | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
-    # The deprecated spelling of tools: accepted at the value that asks for nothing.
+    # Accepted at the value that asks for nothing (_CHAT_DO_NOTHING).
     functions: list | None = None
     function_call: StrictStr | dict | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict | None = None
+    reasoning_effort: StrictStr | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+    verbosity: StrictStr | None = None
 
-    @field_validator("functions")
+    @field_validator(*_CHAT_DO_NOTHING)
     @classmethod
-    def _no_functions(cls, value):
-        return refuse(value or None, None, "functions is deprecated and not supported: use tools")
-
-    @field_validator("function_call")
-    @classmethod
-    def _no_function_call(cls, value):
-        return refuse(value, "none", "function_call is deprecated and not supported: use tool_choice")
+    def _not_for_this_model(cls, value, info):
+        allowed, why = _CHAT_DO_NOTHING[info.field_name]
+        return refuse(value, allowed, why)
 
     @field_validator("tools")
     @classmethod
@@ -346,6 +374,8 @@ class TokenizeRequest(StrictModel):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
+    # With messages: the tools as a chat request's, rendered into the prompt the same way.
+    tools: FastList(Tool, max_length=MAX_TOOLS) | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 

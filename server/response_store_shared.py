@@ -96,7 +96,8 @@ class SharedResponseStore(ResponseStore):
             row = self._row(node, kept=True, last_used=now)
             self._insert(row)
             ended = self._expire()
-            while self._num_kept() > 1 and (self._num_kept() > self.max_responses or self._num_bytes() > self.max_bytes):
+            while self._num_kept() > 1 and (self._num_kept() > self.max_responses
+                                            or self._num_bytes() > self.max_bytes):
                 victim = self._victim(spare=node.id)
                 ended += self._forget(victim)
         if node.chain.session_id is not None:

@@ -137,13 +137,14 @@ def test_chat_commands_stay_local(monkeypatch, capsys):
     lines = iter(["/help", "/nonsense now", "Hello!", "/reset", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     client = FakeChatClient()
-    assert chat.converse(client, chat.parse_args(["--max-tokens", "4"])) == 0
+    assert chat.converse(client, chat.parse_args(["--max-tokens", "4"]), "tiny") == 0
     out, err = capsys.readouterr()
     banner, *rest = out.splitlines()
+    assert banner.startswith(f"Chatting with tiny at {chat.DEFAULT_URL}.")
     assert all(command in banner for command in chat.COMMANDS)
     shown_help = rest[:len(chat.COMMANDS)]
     assert [line.split()[0] for line in shown_help] == list(chat.COMMANDS)
     assert "assistant> Hi there." in out and "(conversation reset)" in out
     (unknown,) = err.splitlines()
     assert "/nonsense" in unknown and all(command in unknown for command in chat.COMMANDS)
-    assert client.requests == [{"max_tokens": 4, "messages": [{"role": "user", "content": "Hello!"}]}]
+    assert client.requests == [{"max_tokens": 4, "model": "tiny", "messages": [{"role": "user", "content": "Hello!"}]}]

@@ -18,7 +18,7 @@ import pytest
 
 from clients import bench
 from clients.client import APIError, AsyncClient, Client, SSEDecoder
-from tests.server_process import REPO_ROOT, ServerProcess
+from tests.server_process import REPO_ROOT, ServerProcess, free_port
 
 API_KEY = "test-key"
 PROMPT = "Once upon a time"
@@ -188,8 +188,38 @@ def test_chat_cli_through_stdin(server):
     out, err = chat.communicate(b"Hello!\n/reset\nTell me about a cat.\n", timeout=60)
     out = out.decode()
     assert chat.returncode == 0, err.decode()
+    assert out.startswith(f"Chatting with stories260K at {server.url}. Commands: /help"), out
     assert len(re.findall(r"assistant> \S", out)) == 2, out
     assert "(conversation reset)" in out
+
+
+def test_the_clients_name_the_url_they_cannot_reach(capsys):
+    """Nothing listens there: the chat CLI says so before the first line is typed, and the load
+    tester before its first request, both naming the URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    chat = subprocess.run([sys.executable, "-m", "clients.chat", "--url", url], input=b"Hello!\n", cwd=REPO_ROOT,
+                          capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert chat.returncode == 1 and b"assistant>" not in chat.stdout
+    assert chat.stderr.decode().startswith(f"error: cannot reach the server at {url}: "), chat.stderr
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--url", url, "--num-prompts", "1", "--disable-tqdm"])
+    assert str(exit_.value).startswith(f"benchmark setup failed: cannot reach the server at {url}: ")
+
+
+def test_the_bench_plot_says_what_was_run():
+    pytest.importorskip("matplotlib")
+    args = bench.parse_args(["--endpoint", "chat", "--max-concurrency", "4", "--input-len", "32", "--output-len",
+                             "16", "--num-prompts", "3"])
+    records = [bench.RequestRecord(32, 16, True, start=0.1 * i, ttft=0.05 + 0.01 * i, e2e=0.5 + 0.1 * i,
+                                   itl=[0.03] * 15) for i in range(3)]
+    summary = bench.summarize(records, 1.0)
+    figure = bench.plot(records, summary, os.devnull, bench.run_title(args, "smollm2"))
+    title = figure._suptitle.get_text()
+    assert title.startswith("smollm2 · /v1/chat/completions · all at once, at most 4 in flight · "
+                            "32 prompt / 16 output tokens\n3 requests (0 failed)"), title
+    for ax in figure.axes:
+        if ax.get_ylabel() == "requests":  # counts of 3 requests: whole numbers only
+            assert all(float(tick).is_integer() for tick in ax.get_yticks()), ax.get_yticks()
 
 
 def test_chat_cli_ctrl_c_stops_only_the_reply(server):

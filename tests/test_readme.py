@@ -96,7 +96,8 @@ def servers():
 def test_the_readme_has_examples_that_show_output():
     assert len(EXAMPLES) >= 9
     assert sum(bool(example.shown) for example in EXAMPLES) >= 8
-    assert {example.server_args for example in EXAMPLES} >= {None, ("--model", "smollm2"), ("--attention-window", "252")}
+    assert {example.server_args for example in EXAMPLES} >= {None, ("--model", "smollm2"),
+                                                             ("--attention-window", "252")}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[f"line{e.line}" for e in EXAMPLES])

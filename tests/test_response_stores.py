@@ -222,3 +222,19 @@ def test_replicas_on_several_hosts_share_chains_through_redis(redis_server):
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_store_that_cannot_be_opened_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server_process import REPO_ROOT
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    run = subprocess.run([sys.executable, "-m", "server", "--response-store", str(blocker / "responses.sqlite3")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"sinkserve: error: --response-store {blocker / 'responses.sqlite3'}: ")
+    assert line.endswith("(name another file, a redis:// URL, or memory)")

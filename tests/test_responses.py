@@ -99,6 +99,14 @@ def test_a_response_and_its_stream_parse_into_the_sdk_types(client):
     streamed = list(client.responses.create(model="stories260K", input="Tell me about Lily.", temperature=0,
                                             max_output_tokens=5, stream=True))
     assert streamed[-1].type == "response.incomplete" and streamed[-1].response.output_text == short.output_text
+    # As with OpenAI, which ends such a stream with response.incomplete too, the SDK's helper
+    # finds no response.completed: the incomplete response is its last event's (README).
+    with client.responses.stream(model="stories260K", input="Tell me about Lily.", temperature=0,
+                                 max_output_tokens=5) as stream:
+        events = list(stream)
+        with pytest.raises(RuntimeError, match="response.completed"):
+            stream.get_final_response()
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == short.output_text
 
 
 def _sse_events(server, body: dict) -> list[tuple[str, dict]]:

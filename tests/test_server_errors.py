@@ -113,6 +113,9 @@ def test_api_keys():
                       match="Incorrect API key")
         _assert_error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Basic key-one"}), 401)
         _assert_error(httpx.post(server.url + "/tokenize", json={"prompt": "x"}), 401)
+        _assert_error(httpx.post(server.url + "/detokenize", json={"tokens": [1]}), 401)
+        _assert_error(httpx.get(server.url + "/tokenizer_info"), 401)  # as the README says
+        assert httpx.get(server.url + "/tokenizer_info", headers={"Authorization": "Bearer key-one"}).status_code == 200
         for key in ("key-one", "key-two", "key-three"):
             response = httpx.post(server.url + COMPLETIONS, json=body, headers={"Authorization": f"Bearer {key}"})
             assert response.status_code == 200
@@ -123,3 +126,46 @@ def test_api_keys():
         preflight = httpx.options(server.url + COMPLETIONS, headers={
             "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in preflight.headers
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages", "this model takes text only: a content part of type 'image_url' cannot be read"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                 "input_audio": {"data": "", "format": "wav"}}]}]},
+     "messages", "type 'input_audio'"),
+    ({"modalities": ["text", "audio"]}, "modalities", 'this model writes text only: modalities can only be ["text"]'),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio output is not supported"),
+    ({"reasoning_effort": "low"}, "reasoning_effort", "this model does not reason before it answers"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
+    ({"web_search_options": {}}, "web_search_options", "does not search the web"),  # {}: search, by default
+    ({"functions": []}, None, None),  # asks for nothing
+    ({"function_call": "none"}, None, None),
+    ({"modalities": ["text"]}, None, None),
+])
+def test_openai_fields_for_other_models_say_what_this_one_does(server, body, param, says):
+    """Known OpenAI fields are never "Unrecognized": asking for nothing is fine, asking for what
+    this text model cannot do is a 400 that says so."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **body}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    if param is None:
+        assert response.status_code == 200, response.text
+        return
+    error = _assert_error(response, 400, param)
+    assert says in error["message"] and "Unrecognized" not in error["message"], error
+
+
+def test_refusals_are_logged_with_their_reason_but_not_the_body():
+    secret = "my-private-prompt-text"
+    with ServerProcess("--log-level", "info") as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, headers={"X-Request-Id": "req-7"},
+                              json={"messages": [{"role": "user", "content": secret}], "reasoning_effort": "high"})
+        assert response.status_code == 400
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": secret, "bogus": 1}, timeout=60)
+        assert response.status_code == 400
+        log = server.log()
+    assert ("[req-7] POST /v1/chat/completions refused with 400 (param reasoning_effort): Invalid value for "
+            "'reasoning_effort': reasoning_effort is not supported") in log, log
+    assert "POST /v1/completions refused with 400 (param bogus): Unrecognized request argument supplied: bogus" in log
+    assert secret not in log

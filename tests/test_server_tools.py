@@ -197,6 +197,19 @@ def test_auto_parses_the_calls_a_reply_contains(server):
     assert none["finish_reason"] == "stop" and "<tool_call>[" in none["message"]["content"]
 
 
+def test_tokenize_renders_the_tools_as_a_chat_request_does(server):
+    """/tokenize with messages and tools gives the very prompt a chat request with them runs."""
+    rendered = httpx.post(f"{server.url}/tokenize", json={"messages": QUESTION, "tools": TOOLS}, timeout=60).json()
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": rendered["tokens"]}, timeout=60).json()["prompt"]
+    assert "get_weather" in text and "<tool_call>" in text and text.rstrip().endswith("assistant")
+    chat = _post(server, "chat/completions", {"messages": QUESTION, "tools": TOOLS, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == rendered["count"]
+    without = httpx.post(f"{server.url}/tokenize", json={"messages": QUESTION}, timeout=60).json()
+    assert without["count"] < rendered["count"]
+    refused = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "tools": TOOLS}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+
+
 def test_strict_means_strict(server, client):
     """strict: true has OpenAI's meaning: an object has all the properties its schema lists and
     no other, in a response_format and in a strict function's calls, forced or, under "auto",

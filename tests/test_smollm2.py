@@ -8,6 +8,7 @@ layers), a byte-level BPE tokenizer and a ChatML template, unlike the bundled st
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -211,9 +212,18 @@ def test_the_readme_server_answers_through_the_openai_client():
     from tests.server_process import ServerProcess
 
     question = [{"role": "user", "content": QUESTIONS[0]}]
-    with ServerProcess("--model", "smollm2", "--max-model-len", "2048") as server:
+    with ServerProcess("--model", "smollm2", "--max-model-len", "2048", "--log-level", "info") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["smollm2"]
+        # Startup says what it is doing, stage by stage, with the time each took.
+        log = server.log()
+        stages = ["reading the metadata of ", "metadata read (", "config and tokenizer read: 30 layers",
+                  "reading the weights (int4-weight", "weights read and quantized (", "KV pool allocated: ",
+                  "sampling defaults {'temperature': 0.2, 'top_p': 0.9}", "stored responses are kept in ",
+                  "serving smollm2"]
+        positions = [log.find(stage) for stage in stages]
+        assert -1 not in positions and positions == sorted(positions), log
+        assert len(re.findall(r"\(\d+\.\d s\)\n", log)) >= 4, log
         reply = client.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=40)
         assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
         stream = client.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=40,
