@@ -20,9 +20,13 @@ Where they come from, as vLLM takes them (its `--generation-config` and
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 # Request fields that take a default from the model (the names of generation_config.json).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -100,7 +104,8 @@ def parse_overrides(text: str) -> dict:
 
 def _model_defaults(model_path: Path, names: tuple[str, ...]) -> GenerationDefaults:
     if model_path.is_dir() and (model_path / "generation_config.json").is_file():
-        found = _from_hf_config(model_path / "generation_config.json", "the model's generation_config.json")
+        found = _from_hf_config(model_path / "generation_config.json", "the model's generation_config.json",
+                                lenient=True)
     elif model_path.suffix.lower() == ".gguf":
         found = _from_gguf(model_path)
         names = (*names, *_gguf_names(model_path))
@@ -115,7 +120,7 @@ def _model_defaults(model_path: Path, names: tuple[str, ...]) -> GenerationDefau
     return found if found.max_new_tokens is not None else GenerationDefaults()
 
 
-def _from_hf_config(path: Path, source: str) -> GenerationDefaults:
+def _from_hf_config(path: Path, source: str, lenient: bool = False) -> GenerationDefaults:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -123,7 +128,7 @@ def _from_hf_config(path: Path, source: str) -> GenerationDefaults:
     if not isinstance(config, dict):
         raise GenerationConfigError(f"{path} is not a JSON object")
     known = {key: config[key] for key in (*SAMPLING_FIELDS, "max_new_tokens") if config.get(key) is not None}
-    sampling, max_new_tokens = _checked(known, str(path))
+    sampling, max_new_tokens = _checked(known, str(path), lenient=lenient)
     return GenerationDefaults(sampling, max_new_tokens, source)
 
 
@@ -137,7 +142,7 @@ def _from_gguf(path: Path) -> GenerationDefaults:
         if entry is not None:
             value = entry.contents()  # float32 in the file: 0.6 reads 0.6000000238...
             sampling[name] = float(f"{value:.7g}") if isinstance(value, float) else value
-    sampling, _ = _checked(sampling, f"{path} (general.sampling)")
+    sampling, _ = _checked(sampling, f"{path} (general.sampling)", lenient=True)
     return GenerationDefaults(sampling, None, "the GGUF's general.sampling keys")
 
 
@@ -153,9 +158,21 @@ def _gguf_names(path: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _checked(values: dict, where: str) -> tuple[dict, int | None]:
+def _checked(values: dict, where: str, lenient: bool = False) -> tuple[dict, int | None]:
     """The sampling fields and max_new_tokens of `values`, each in the range a request may ask
-    for; anything else is an error naming it."""
+    for; anything else is an error naming it (`lenient`, for the model's own files: a warning,
+    and the field is left out)."""
+    if lenient:
+        sampling, max_new_tokens = {}, None
+        for key, value in values.items():
+            try:
+                found, cap = _checked({key: value}, where)
+            except GenerationConfigError as exc:
+                logger.warning("%s; the OpenAI API's default is used instead", exc)
+                continue
+            sampling.update(found)
+            max_new_tokens = cap if cap is not None else max_new_tokens
+        return sampling, max_new_tokens
     sampling = {}
     max_new_tokens = None
     for key, value in values.items():
@@ -167,8 +184,8 @@ def _checked(values: dict, where: str) -> tuple[dict, int | None]:
         if key not in SAMPLING_FIELDS:
             raise GenerationConfigError(f"{where}: {key!r} is not a field sinkserve takes from a generation config "
                                         f"(it takes {', '.join((*SAMPLING_FIELDS, 'max_new_tokens'))})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise GenerationConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise GenerationConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         bad = {"temperature": not 0 <= value <= 2, "top_p": not 0 < value <= 1, "min_p": not 0 <= value <= 1,
                "top_k": not (value in (-1, 0) or value >= 1) or value != int(value),
                "repetition_penalty": not 0 < value <= 10}[key]

@@ -8,7 +8,11 @@ Keys, under the prefix `sinkserve:responses`:
 - `row:<id>`: a hash of the row's JSON (`body`), `last_used` and `kept`;
 - `lru`: the kept ids by last use (a sorted set), and `lru:<tenant>` per API key;
 - `children:<id>`: rows naming <id> as parent; `chain:<root id>`: kept rows of a chain;
-- `bytes`: a hash of each tenant's row bytes.
+- `bytes`: a hash of each tenant's row bytes;
+- `unkept`: the ids of unkept rows (history that kept rows continue).
+
+Each write of a method is one MULTI/EXEC pipeline; a method that fails between two of them is
+mended by the next ones (server/response_store_shared.py).
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class RedisResponseStore(SharedResponseStore):
             pipe.incr(self._key("children", row.parent_id))
         if row.kept:
             self._index(pipe, row)
+        else:
+            pipe.sadd(self._key("unkept"), row.id)
         pipe.hincrby(self._key("bytes"), _tenant_key(row.tenant), row.size)
         pipe.execute()
 
@@ -112,15 +118,18 @@ class RedisResponseStore(SharedResponseStore):
         pipe.hset(self._key("row", row.id), "kept", "1" if row.kept else "0")
         if row.kept:
             self._index(pipe, row)
+            pipe.srem(self._key("unkept"), row.id)
         else:
             pipe.zrem(self._key("lru"), row.id)
             pipe.zrem(self._key("lru", _tenant_key(row.tenant)), row.id)
             pipe.decr(self._key("chain", row.root_id))
+            pipe.sadd(self._key("unkept"), row.id)
         pipe.execute()
 
     def _delete(self, row: Row) -> None:
         pipe = self._redis.pipeline()
         pipe.delete(self._key("row", row.id), self._key("children", row.id))
+        pipe.srem(self._key("unkept"), row.id)
         if row.parent_id is not None:
             pipe.decr(self._key("children", row.parent_id))
         pipe.hincrby(self._key("bytes"), _tenant_key(row.tenant), -row.size)
@@ -144,19 +153,25 @@ class RedisResponseStore(SharedResponseStore):
         return sum(int(size) for size in self._redis.hvals(self._key("bytes")))
 
     def _shares(self) -> dict[str | None, tuple[int, int]]:
-        shares = {}
-        for key, size in self._redis.hgetall(self._key("bytes")).items():
-            key = _decode(key)
-            kept = self._redis.zcard(self._key("lru", key))
-            if kept:
-                shares[_tenant_of(key)] = (kept, int(size))
-        return shares
+        sizes = {_decode(key): int(size) for key, size in self._redis.hgetall(self._key("bytes")).items()}
+        pipe = self._redis.pipeline(transaction=False)  # one round trip for every tenant
+        for key in sizes:
+            pipe.zcard(self._key("lru", key))
+        return {_tenant_of(key): (kept, size) for (key, size), kept in zip(sizes.items(), pipe.execute()) if kept}
 
     def _least_recent(self, tenant: str | None, count: int) -> list[Row]:
         return self._rows(self._redis.zrange(self._key("lru", _tenant_key(tenant)), 0, count - 1))
 
-    def _idle(self, before: float) -> Iterator[Row]:
-        return iter(self._rows(self._redis.zrangebyscore(self._key("lru"), "-inf", f"({before!r}")))
+    def _idle(self, before: float, limit: int) -> Iterator[Row]:
+        return iter(self._rows(self._redis.zrangebyscore(self._key("lru"), "-inf", f"({before!r}", start=0,
+                                                         num=limit)))
+
+    def _stranded(self, limit: int) -> list[Row]:
+        ids = [_decode(response_id) for response_id in self._redis.srandmember(self._key("unkept"), limit)]
+        rows = self._rows(ids)
+        if gone := set(ids) - {row.id for row in rows}:
+            self._redis.srem(self._key("unkept"), *gone)
+        return [row for row in rows if not row.kept and not self._has_children(row.id)]
 
 
 def _decode(value: str | bytes) -> str:

@@ -10,6 +10,10 @@ forgotten while a kept one continues it stays as an unkept row (its history is t
 once no row names it as parent. Every method runs in one backend transaction, so replicas
 sharing the backend see one store.
 
+A method that fails halfway (a Redis connection lost between two of its writes) can leave an
+unkept row that no row needs; every method collects a few such rows (`_stranded`), so the
+store's bytes never drift for good.
+
 Sessions are a process's own: the sessions a method returns are the ones this process may hold
 (the chain's, once it has no kept response, or once its head is deleted); another replica's
 session of the chain ends by its own TTL. Which response a session's cache holds (the chain's
@@ -31,6 +35,11 @@ from server.response_store import Chain, ResponseStore, StoredResponse
 
 # Chains whose head (the response its session's cache holds) a process remembers.
 _MAX_HEADS = 100_000
+# Responses one method forgets at most (evicted past the bounds, or idle past the TTL), and
+# stranded rows it collects at most: a method holds the backend's lock for a bounded time, and a
+# store over its bounds (lowered at a restart) shrinks over the next calls.
+MAX_FORGOTTEN_PER_CALL = 64
+MAX_SWEPT_PER_CALL = 16
 
 
 @dataclass
@@ -96,10 +105,11 @@ class SharedResponseStore(ResponseStore):
             row = self._row(node, kept=True, last_used=now)
             self._insert(row)
             ended = self._expire()
-            while self._num_kept() > 1 and (self._num_kept() > self.max_responses
-                                            or self._num_bytes() > self.max_bytes):
-                victim = self._victim(spare=node.id)
-                ended += self._forget(victim)
+            for _ in range(MAX_FORGOTTEN_PER_CALL):
+                if self._num_kept() <= 1 or (self._num_kept() <= self.max_responses
+                                             and self._num_bytes() <= self.max_bytes):
+                    break
+                ended += self._forget(self._victim(spare=node.id))
         if node.chain.session_id is not None:
             self._set_head(node.chain.session_id, node.id)
         return ended
@@ -127,9 +137,12 @@ class SharedResponseStore(ResponseStore):
     # -- the policy ------------------------------------------------------------------------
 
     def _expire(self) -> list[str]:
+        """Forget responses idle past the TTL (a bounded number a call), and collect stranded rows."""
         ended = []
-        for row in self._idle(self.clock() - self.ttl):
+        for row in self._idle(self.clock() - self.ttl, MAX_FORGOTTEN_PER_CALL):
             ended += self._forget(row)
+        for row in self._stranded(MAX_SWEPT_PER_CALL):
+            self._drop_unneeded(row)
         return ended
 
     def _victim(self, spare: str) -> Row:
@@ -150,14 +163,18 @@ class SharedResponseStore(ResponseStore):
         row needs any more; its chain's session ends when the chain has no kept response."""
         row.kept = False
         self._update_kept(row)
-        node: Row | None = row
-        while node is not None and not node.kept and not self._has_children(node.id):
-            self._delete(node)
-            node = self._load(node.parent_id) if node.parent_id is not None else None
+        self._drop_unneeded(row)
         if row.session_id is not None and not self._chain_has_kept(row.root_id):
             self._pop_head(row.session_id, None)
             return [row.session_id]
         return []
+
+    def _drop_unneeded(self, row: Row) -> None:
+        """Delete an unkept row that no row continues, then its ancestors that became so."""
+        node: Row | None = row
+        while node is not None and not node.kept and not self._has_children(node.id):
+            self._delete(node)
+            node = self._load(node.parent_id) if node.parent_id is not None else None
 
     def _node(self, row: Row) -> StoredResponse:
         """A response with its history, as StoredResponse objects."""
@@ -243,5 +260,9 @@ class SharedResponseStore(ResponseStore):
         """The tenant's `count` least recently used kept rows."""
 
     @abstractmethod
-    def _idle(self, before: float) -> Iterator[Row]:
-        """Kept rows last used before `before`, least recent first."""
+    def _idle(self, before: float, limit: int) -> Iterator[Row]:
+        """Kept rows last used before `before`, least recent first, `limit` at most."""
+
+    @abstractmethod
+    def _stranded(self, limit: int) -> list[Row]:
+        """Unkept rows that no row names as parent (left by a method that failed halfway), `limit` at most."""

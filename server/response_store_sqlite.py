@@ -40,7 +40,10 @@ class SQLiteResponseStore(SharedResponseStore):
         super().__init__(*bounds, **options)
         self.path = os.path.abspath(os.path.expanduser(path))
         self.description = f"in {self.path} (SQLite: kept across restarts, shared by the servers of this host)"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        # Stored responses are every API key's prompts and replies: the folder and the file (and
+        # SQLite's -wal and -shm files, which take the file's mode) are the server user's alone.
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.Lock()  # one connection, used by one thread at a time
         self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -112,6 +115,9 @@ class SQLiteResponseStore(SharedResponseStore):
         return self._rows("SELECT body, last_used, kept FROM responses WHERE tenant IS ? AND kept = 1 "
                           "ORDER BY last_used LIMIT ?", tenant, count)
 
-    def _idle(self, before: float) -> Iterator[Row]:
+    def _idle(self, before: float, limit: int) -> Iterator[Row]:
         return iter(self._rows("SELECT body, last_used, kept FROM responses WHERE kept = 1 AND last_used < ? "
-                               "ORDER BY last_used", before))
+                               "ORDER BY last_used LIMIT ?", before, limit))
+
+    def _stranded(self, limit: int) -> list[Row]:
+        return []  # a method is one SQLite transaction: it commits whole or not at all

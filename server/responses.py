@@ -86,9 +86,22 @@ async def _end_sessions(state: ServerState, sessions: list[str]) -> None:
             await state.engine.call(lambda engine: [engine.end_session(session) for session in sessions])
 
 
+def _using_store(method, *args):
+    """A call of the response store (a file or a server: it can fail): its failure is a 503 that
+    says so, never a 500 or a reply that pretends to be stored."""
+    try:
+        return method(*args)
+    except Exception as exc:  # noqa: BLE001 (sqlite3, redis, OS errors alike)
+        logger.exception("the response store failed")
+        raise APIError(503, "The response store is not available: retry later, or send store: false (a reply "
+                            "that was generated is not stored).", "service_unavailable",
+                       code="response_store_unavailable") from exc
+
+
 async def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
     """The tenant's stored response (in a worker thread: the store may be a file or a server)."""
-    node, ended = await run_in_threadpool(state.response_store.get, response_id, request_tenant(raw.scope))
+    node, ended = await run_in_threadpool(_using_store, state.response_store.get, response_id,
+                                          request_tenant(raw.scope))
     _spawn_session_ends(state, ended)
     return node
 
@@ -278,8 +291,8 @@ def _finish(state: ServerState, turn: _Turn, text: str, finish_reason: str | Non
         fields = {key: value for key, value in payload.items() if key not in ("instructions", "output")}
         node = StoredResponse(turn.response_id, turn.tenant, turn.chain, turn.previous, turn.input_items,
                               turn.body.instructions, text, turn.message_id, fields)
+        ended = _using_store(state.response_store.add, node)
         turn.stored = True
-        ended = state.response_store.add(node)
     return payload, ended
 
 
@@ -350,8 +363,11 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
                 if out.finished:
                     finish_reason = out.finish_reason
                     output_tokens, cached = out.num_output_tokens, out.num_cached_tokens
+        first = next(sequence)
+        events, ended = await run_in_threadpool(_final_events, state, turn, "".join(parts), finish_reason,
+                                                output_tokens, cached, first)
     except Exception as exc:  # the headers are sent: the error travels inside the stream
-        error = engine_api_error(exc)
+        error = exc if isinstance(exc, APIError) else engine_api_error(exc)
         if error is None:
             logger.exception("response stream failed")
             error = APIError(500, "The server had an error while processing the request.", "internal_error")
@@ -361,9 +377,6 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
                                   error={"code": "server_error", "message": error.message})
         yield _event("response.failed", next(sequence), response=failed)
         return
-    first = next(sequence)
-    events, ended = await run_in_threadpool(_final_events, state, turn, "".join(parts), finish_reason, output_tokens,
-                                            cached, first)
     for event in events:
         yield event
     _spawn_session_ends(state, ended)
@@ -408,7 +421,8 @@ async def retrieve_response(state: ServerState, response_id: str, raw: Request, 
 async def delete_response(state: ServerState, response_id: str, raw: Request) -> dict:
     """Forget a response; if its chain's session holds its turn (it was the chain's head), or
     it was the chain's last response kept, the session's cache ends too."""
-    deleted, ended = await run_in_threadpool(state.response_store.delete, response_id, request_tenant(raw.scope))
+    deleted, ended = await run_in_threadpool(_using_store, state.response_store.delete, response_id,
+                                             request_tenant(raw.scope))
     await _end_sessions(state, ended)
     if not deleted:
         raise _not_found(response_id)

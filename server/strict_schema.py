@@ -13,7 +13,9 @@ from __future__ import annotations
 # Keywords whose value is one subschema, a list of them, or a map of name -> subschema.
 _ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
         "unevaluatedProperties", "unevaluatedItems", "additionalItems")
-_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+# (allOf's branches are not walked: each holds part of one object's properties, and closing each
+# to its own part would allow no object at all.)
+_LIST = ("anyOf", "oneOf", "prefixItems", "items")
 _MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 
 

@@ -89,11 +89,13 @@ async def output_grammar(state, body: SamplingFields, salt: str | None, tenant: 
         grammar, param = requested_grammar(body)
         tool_grammar = forced_calls() if forced_calls is not None else None
         if tool_grammar is not None:
-            if grammar is not None:
-                forced = body.tool_choice not in (None, "auto")
+            forced = body.tool_choice not in (None, "auto")
+            if grammar is not None and (forced or param != "response_format"):
+                # (Under "auto", a JSON response_format is part of the tools' grammar: the reply is
+                # that JSON or calls.)
                 raise APIError(400, f"{param} cannot be combined with a tool_choice that forces a call" if forced else
                                f"{param} cannot be combined with strict tools under tool_choice \"auto\" (their "
-                               "calls follow a grammar too): give the tools strict false, or drop the format",
+                               "calls follow a grammar too): give the tools strict false, or use response_format",
                                param="tool_choice" if forced else "tools")
             grammar, param = tool_grammar, "tools"
         return grammar, param

@@ -147,16 +147,21 @@ class ToolParser(ABC):
         a function with `strict`: server/strict_schema.py); nothing outside the calls."""
         return f"{self._start_rule(parallel)}\ncall: %json {json.dumps(self._call_schema(tools, strict_only=False))}\n"
 
-    def auto_grammar(self, tools: list[dict], parallel: bool) -> str:
+    def auto_grammar(self, tools: list[dict], parallel: bool, content_schema: dict | None = None) -> str:
         """A Lark grammar for tool_choice "auto" with strict tools: the reply is free until it opens a call in this
         format; from there the call must be well formed, name one of `tools`, and give a strict function's
-        arguments valid against its schema (another function's: any JSON object)."""
+        arguments valid against its schema (another function's: any JSON object). With `content_schema` (a
+        response_format's), the reply is either JSON valid against it or calls alone."""
+        call = f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n"
+        if content_schema is not None:
+            layout = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+            calls = self._start_rule(parallel).replace("start:", "calls:", 1)
+            return f"start: content | calls\n{calls}\ncontent: %json {json.dumps({**content_schema, **layout})}\n{call}"
         opener = _lark_regex(self.call_opener)
         text = rf"TEXT: /(?s:.*)/ & ~/(?s:.*){opener}(?s:.*)/"
         opening = rf"OPEN: /(?s:.*){opener}/ & ~/(?s:.*){opener}(?s:.+)/"
         blocks = "*" if parallel else "?"
-        return (f"start: (OPEN {self._block_rest(parallel)}){blocks} TEXT\n{text}\n{opening}\n"
-                f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n")
+        return f"start: (OPEN {self._block_rest(parallel)}){blocks} TEXT\n{text}\n{opening}\n{call}"
 
     def _call_schema(self, tools: list[dict], strict_only: bool) -> dict:
         """The JSON schema of one call to one of `tools`; with `strict_only`, the arguments of a function without
@@ -283,10 +288,15 @@ class Llama3JsonToolParser(ToolParser):
     def _start_rule(self, parallel: bool) -> str:
         return 'start: call ("; " call)*' if parallel else "start: call"
 
-    def auto_grammar(self, tools: list[dict], parallel: bool) -> str:
-        # Calls are the whole output, so an output that opens with "{" (after whitespace) is calls.
+    def auto_grammar(self, tools: list[dict], parallel: bool, content_schema: dict | None = None) -> str:
+        if content_schema is not None:
+            return super().auto_grammar(tools, parallel, content_schema)
+        # Calls are the whole output: an output the parser would read as calls (after whitespace as Python's
+        # str.strip sees it, and the python tag as text, a "{") must be calls, which may follow whitespace.
         calls = 'call ("; " call)*' if parallel else "call"
-        return (f"start: TEXT | {calls}\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*\\{{(?s:.*)/\n"
+        space = r"[\s\x1c-\x1f]*"
+        return (f"start: TEXT | SPACE {calls}\nSPACE: /{space}/\n"
+                f"TEXT: /(?s:.*)/ & ~/{space}(<\\|python_tag\\|>{space})?\\{{(?s:.*)/\n"
                 f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n")
 
     def _block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:

@@ -45,6 +45,12 @@ def test_a_hf_directory_gives_its_generation_config(tmp_path):
     assert found.max_new_tokens == 300 and found.source == "the model's generation_config.json"
 
 
+def test_a_models_own_out_of_range_value_is_left_out_with_a_warning(tmp_path, caplog):
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_p": 0, "repetition_penalty": 1e400}')
+    assert resolve_generation_defaults(tmp_path).sampling == {"temperature": 0.7}
+    assert "top_p=0 is outside" in caplog.text and "repetition_penalty must be a finite number" in caplog.text
+
+
 def test_a_gguf_gives_its_sampling_keys(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", general__basename="SmolLM2", general__sampling__temp=0.6,
                       general__sampling__top_k=40, general__sampling__min_p=0.05)
@@ -90,8 +96,9 @@ def test_none_a_path_and_overrides(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("{", "not JSON"), ("[1]", "JSON object"), ('{"temperature": 3}', "temperature=3 is outside"),
     ('{"top_p": 0}', "top_p=0 is outside"), ('{"top_k": 1.5}', "top_k=1.5 is outside"),
-    ('{"temperature": "hot"}', "must be a number"), ('{"do_sample": true}', "'do_sample' is not a field"),
+    ('{"temperature": "hot"}', "must be a finite number"), ('{"do_sample": true}', "'do_sample' is not a field"),
     ('{"max_new_tokens": 0}', "max_new_tokens must be a positive integer"),
+    ('{"temperature": Infinity}', "must be a finite number"), ('{"top_k": 1e400}', "must be a finite number"),
 ])
 def test_bad_overrides_are_named(text, message):
     with pytest.raises(GenerationConfigError, match=message):

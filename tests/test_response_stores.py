@@ -179,11 +179,45 @@ def test_a_restarted_server_or_another_replica_sees_the_same_responses(make_stor
     assert not errors and len(first) == len(second) == 2 + 60
 
 
+@pytest.mark.parametrize("make_store", ["sqlite", "redis"], indirect=True)
+def test_a_method_that_fails_halfway_leaves_nothing_stranded(make_store, monkeypatch):
+    """A connection lost between two writes of a method (here: the row's deletion fails once):
+    the next calls collect what it left, and the store's bytes come back to its kept rows'."""
+    store = make_store()
+    a = node("a")
+    store.add(a)
+    store.add(node("b"))
+    original = type(store)._delete
+    calls = []
+
+    def fail_once(self, row):
+        calls.append(row.id)
+        if len(calls) == 1:
+            raise ConnectionError("lost")
+        return original(self, row)
+
+    monkeypatch.setattr(type(store), "_delete", fail_once)
+    with pytest.raises(ConnectionError):
+        store.delete("a", "t")
+    monkeypatch.setattr(type(store), "_delete", original)
+    assert found(store, "a") is None or make_store.backend == "sqlite"  # SQLite rolled the whole call back
+    store.delete("a", "t")
+    store.expire()
+    with store._transaction():
+        assert store._num_kept() == 1 and store._num_bytes() == node("b").size
+        assert store._stranded(10) == []
+
+
 def test_open_response_store_picks_the_backend_by_its_name(tmp_path):
     assert isinstance(open_response_store("memory"), MemoryResponseStore)
     path = tmp_path / "dir" / "store.sqlite3"
     store = open_response_store(str(path))
     assert isinstance(store, SQLiteResponseStore) and path.is_file() and str(path) in store.description
+    store.add(node("a"))
+    # Every key's prompts and replies: readable by the server's user alone.
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    for file in (path, path.with_name(path.name + "-wal")):
+        assert file.stat().st_mode & 0o777 == 0o600, file
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     with pytest.raises(ValueError, match="cannot reach Redis"):
@@ -238,3 +272,37 @@ def test_a_store_that_cannot_be_opened_is_a_one_line_error(tmp_path):
     line = run.stderr.strip().splitlines()[-1]
     assert line.startswith(f"sinkserve: error: --response-store {blocker / 'responses.sqlite3'}: ")
     assert line.endswith("(name another file, a redis:// URL, or memory)")
+
+
+def test_a_store_that_goes_away_is_a_503_never_a_500_or_a_pretended_store(redis_server):
+    """Redis stops while the server runs: storing, continuing, retrieving and deleting are 503s
+    that say so (streamed: an error event and response.failed); store: false still works."""
+    import httpx
+
+    from tests.redis_server import RedisServer
+    from tests.server_process import ServerProcess
+
+    own = RedisServer()  # this test stops it
+    try:
+        with ServerProcess("--response-store", own.url) as server:
+            first = httpx.post(f"{server.url}/v1/responses", json={"input": "Hi", "max_output_tokens": 2}, timeout=60)
+            assert first.status_code == 200
+            own.stop()
+            body = {"input": "Hi", "max_output_tokens": 2}
+            for response in (httpx.post(f"{server.url}/v1/responses", json=body, timeout=60),
+                             httpx.post(f"{server.url}/v1/responses", timeout=60,
+                                        json={**body, "previous_response_id": first.json()["id"]}),
+                             httpx.get(f"{server.url}/v1/responses/{first.json()['id']}", timeout=60),
+                             httpx.delete(f"{server.url}/v1/responses/{first.json()['id']}", timeout=60)):
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "response_store_unavailable"
+            with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True},
+                              timeout=60) as stream:
+                kinds = [line[len("event: "):] for line in stream.iter_lines() if line.startswith("event: ")]
+            assert kinds[-2:] == ["error", "response.failed"], kinds
+            unstored = httpx.post(f"{server.url}/v1/responses", json={**body, "store": False}, timeout=60)
+            assert unstored.status_code == 200
+            assert "Traceback" in server.log()  # the cause is logged for the operator
+    finally:
+        if own.process.poll() is None:
+            own.stop()

@@ -242,8 +242,19 @@ def test_strict_means_strict(server, client):
     jsonschema.validate(json.loads(call["function"]["arguments"]), strict_weather)
     content, streamed, _ = _streamed_calls(_chunks(server, body))
     assert [(c["name"], c["arguments"]) for c in streamed] == [("get_weather", call["function"]["arguments"])]
-    # A response_format cannot hold the same reply: refused, naming the tools.
-    refused = _post(server, "chat/completions", {**body, "response_format": {"type": "json_object"}})
+    # With a JSON response_format, the reply is that JSON or calls held to the strict function.
+    for bias in (3, -100):  # towards a call, and no call at all
+        body = {**body, "logit_bias": {str(less_than): bias}, "response_format": {"type": "json_object"}}
+        choice = _post(server, "chat/completions", body).json()["choices"][0]
+        if choice["message"].get("tool_calls"):
+            [call] = choice["message"]["tool_calls"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), strict_weather)
+        elif choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+    assert bias == -100 and not choice["message"].get("tool_calls")
+    # vLLM's structured_outputs cannot be part of it: refused, naming the tools.
+    refused = _post(server, "chat/completions", {**body, "response_format": None,
+                                                 "structured_outputs": {"regex": "[a-z]+"}})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
     assert "strict" in refused.json()["error"]["message"]
 

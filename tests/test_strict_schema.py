@@ -38,8 +38,9 @@ def test_nested_objects_everywhere_a_schema_may_sit():
     assert schema == original  # the request's own schema is left as it was
     props = strict["properties"]
     assert strict["required"] == list(schema["properties"]) and strict["additionalProperties"] is False
+    assert props["all"]["allOf"] == original["properties"]["all"]["allOf"]  # parts of one object: left open
     for sub in (props["friends"]["items"], props["pair"]["prefixItems"][0], props["either"]["anyOf"][0],
-                props["all"]["allOf"][0], props["nullable"], strict["$defs"]["pet"]):
+                props["nullable"], strict["$defs"]["pet"]):
         assert sub["additionalProperties"] is False and sub["required"] == list(sub["properties"]), sub
     assert props["const"] == original["properties"]["const"]  # data, not a schema
 
@@ -62,3 +63,11 @@ def test_a_deeply_nested_schema_needs_no_recursion():
         assert strict["required"] == ["a"] and strict["additionalProperties"] is False
         strict, depth = strict["properties"]["a"], depth + 1
     assert depth == 5000
+
+
+def test_allof_branches_stay_open_so_that_their_parts_make_one_object():
+    schema = {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}},
+                                          {"properties": {"b": {"type": "integer"}}}]}
+    strict = strict_schema(schema)
+    assert strict["allOf"] == schema["allOf"] and strict["additionalProperties"] is False
+    jsonschema.validate({}, strict)  # the object's own keywords list no properties: nothing is required

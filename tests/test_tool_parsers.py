@@ -377,6 +377,33 @@ def test_under_auto_a_strict_call_is_held_once_the_reply_opens_it(tokenizer, fmt
     assert parse_as_before(fmt, good)
 
 
+@pytest.mark.parametrize("fmt", WRITE)
+def test_under_auto_with_a_json_format_the_reply_is_that_json_or_calls(tokenizer, fmt):
+    answer = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    grammar = tool_parser(fmt).auto_grammar(STRICT_TOOLS, True, answer)
+    write = WRITE[fmt]
+    assert accepts(tokenizer, grammar, '{"answer": 42}')
+    assert accepts(tokenizer, grammar, write([("get_weather", '{"city": "Paris", "days": 2}')]))
+    for wrong in ("42", '{"answer": "x"}', "Sure. " + write([("search", '{"q": "x"}')]),
+                  write([("get_weather", '{"city": "Paris"}')])):
+        assert not accepts(tokenizer, grammar, wrong), wrong
+
+
+def test_the_llama3_auto_grammar_refuses_what_its_parser_would_read_as_calls(tokenizer):
+    """Whatever the parser reads as a call (after any whitespace str.strip knows, or the python tag
+    as text) must come through the grammar's calls; a call may follow whitespace."""
+    parser = tool_parser("llama3_json")
+    grammar = parser.auto_grammar(STRICT_TOOLS, False)
+    good = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'
+    bad = '{"name": "get_weather", "parameters": {"bogus": "x"}}'
+    for prefix in ("", " \n", "\x0c", "\xa0", "\u2003", "\x1c", "<|python_tag|>", " <|python_tag|> "):
+        assert parser.extract(prefix + bad)[1], prefix  # the parser reads a call there
+        assert not accepts(tokenizer, grammar, prefix + bad), repr(prefix)
+    for prefix in ("", "  ", "\n"):
+        assert accepts(tokenizer, grammar, prefix + good), repr(prefix)
+
+
 def parse_as_before(fmt, text):
     """What the grammar lets through is read by the parser as calls."""
     return tool_parser(fmt).extract(text)[1] == [ToolCall("get_weather", '{"city": "Paris", "days": 2}')]
