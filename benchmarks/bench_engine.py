@@ -38,7 +38,6 @@ import json
 import os
 import pstats
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass

@@ -728,9 +728,9 @@ def markdown_tables(results: list[RunResult], pairs: list[tuple[Workload, str]])
     for workload, model in pairs:
         for title, metric in table_rows(workload, model, results):
             stats = medians(results, metric)
-            s, l, t = (stats.get((workload.name, model, system)) for system in SYSTEMS)
-            lines.append(f"| {title} | {cell(s)} | {cell(l)} | {cell(t, transformers_note(workload))} "
-                         f"| {ratio(s, l)} | {ratio(s, t)} |")
+            ours, llama, hf = (stats.get((workload.name, model, system)) for system in SYSTEMS)
+            lines.append(f"| {title} | {cell(ours)} | {cell(llama)} | {cell(hf, transformers_note(workload))} "
+                         f"| {ratio(ours, llama)} | {ratio(ours, hf)} |")
     lines += ["", "Latency, median (min–max) over runs of the per-run medians over requests; transformers' TTFT is "
               "a separate 1-token generate of the same batch (or prompt):", "",
               "| workload (model shape) | system | TTFT ms | TPOT ms | load avg (1 min) |", "|---|---|---:|---:|---:|"]
@@ -783,9 +783,9 @@ def summary_json(results: list[RunResult], pairs: list[tuple[Workload, str]]) ->
             entry = {"workload": workload.name, "model": model, "metric": metric}
             for system in SYSTEMS:
                 entry[system] = stats.get((workload.name, model, system))
-            s, l, t = (entry[system] for system in SYSTEMS)
-            entry["sinkserve_over_llamacpp"] = s["median"] / l["median"] if s and l else None
-            entry["sinkserve_over_transformers"] = s["median"] / t["median"] if s and t else None
+            ours, llama, hf = (entry[system] for system in SYSTEMS)
+            entry["sinkserve_over_llamacpp"] = ours["median"] / llama["median"] if ours and llama else None
+            entry["sinkserve_over_transformers"] = ours["median"] / hf["median"] if ours and hf else None
             out.append(entry)
     return out
 

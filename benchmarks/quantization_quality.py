@@ -121,8 +121,8 @@ def main() -> None:
             if base is not None:
                 results[model][name]["relative_to_none_of_its_run"] = round(ppl / base - 1, 4)
             print(f"{model:12} {name:22} {served['quantization'][:60]:60} {served['dtype']:9} ppl {ppl:8.3f} "
-                  f"({f'{ppl / base - 1:+.2%}' if base else 'no none in this run'})  replies identical {identical:6.1%}  tokens before a difference "
-                  f"{prefix:6.1%}", flush=True)
+                  f"({f'{ppl / base - 1:+.2%}' if base else 'no none in this run'})  replies identical "
+                  f"{identical:6.1%}  tokens before a difference {prefix:6.1%}", flush=True)
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for model, configs in results.items():  # what this run did not measure is kept
         merged[model] = {**merged.get(model, {}), **configs}

@@ -172,7 +172,8 @@ def attention_mass(model: str, stream: list[int], num_tokens: int = 1024, from_p
     # each: [1, heads, queries, keys]
     return {"token_0": [a[0, :, from_position:, 0].mean().item() for a in out.attentions],
             "first_4": [a[0, :, from_position:, :4].sum(-1).mean().item() for a in out.attentions],
-            "uniform_token_0": sum(1 / (q + 1) for q in range(from_position, num_tokens)) / (num_tokens - from_position)}
+            "uniform_token_0": sum(1 / (q + 1) for q in range(from_position, num_tokens))
+            / (num_tokens - from_position)}
 
 
 def plot(results: dict[str, list], args, path: Path) -> None:
@@ -240,7 +241,8 @@ def report(args, stream: list[int], runs: dict[str, dict]) -> dict:
               f"{row.get('window', math.nan):9.2f}{row.get('sinks', math.nan) / row['oracle']:14.3f}")
 
     ablation: dict[str, float] = {}
-    print(f"\nsinks at a cache of {args.ablation_cache} (window = cache - sinks), first {args.ablation_tokens:,} tokens:")
+    print(f"\nsinks at a cache of {args.ablation_cache} (window = cache - sinks), "
+          f"first {args.ablation_tokens:,} tokens:")
     for sinks in args.sink_counts:
         try:
             ablation[str(sinks)] = perplexity(ablation_logprobs(results, args, sinks))

@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="of the prompts and arrivals (default: %(default)s)")
     p.add_argument("--result-json", default=None, help="write the results here (default: not written)")
-    p.add_argument("--plot", default=None, help="PNG of latency distributions and throughput, needs matplotlib (default: none)")
+    p.add_argument("--plot", default=None,
+                   help="PNG of latency distributions and throughput, needs matplotlib (default: none)")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not 0 <= args.range_ratio < 1:

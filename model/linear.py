@@ -7,8 +7,8 @@ weights that stream from memory. At one row (a memory-bound read of the weights)
 0.88-1.03x MKL's speed, and on small weights, which stay in the cache, 0.37-0.97x (about 50 us
 more per call). So oneDNN gets the matmuls of several rows with a weight of at least
 MIN_ONEDNN_WEIGHT elements, MKL the rest. BENCHMARKS.md has the measurements
-(`benchmarks/cpu_levers.py`: `matmul`, `matmul-small`). The weight stays an ordinary dense parameter: nothing is repacked,
-checkpoints load by name as before, and memory is unchanged.
+(`benchmarks/cpu_levers.py`: `matmul`, `matmul-small`). The weight stays an ordinary dense
+parameter: nothing is repacked, checkpoints load by name as before, and memory is unchanged.
 
 oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler
 emits for CPU linears; a build without it (or one where it fails once) falls back to `F.linear`.

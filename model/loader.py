@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from model.config import ModelConfig
 from model.quantization.config import QuantizationConfig
 from model.llama import LlamaForCausalLM, PartTarget
-from model.model_path import BUNDLED_MODEL_DIR, checkpoint_path
+from model.model_path import checkpoint_files, checkpoint_path
 from model.rotary import rope_inv_freq
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -126,29 +125,6 @@ def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
             shape = (target.layer.parts[target.index], target.layer.in_features)
             target.layer.load_part(target.index, torch.empty(shape).normal_(0.0, 0.02, generator=generator))
             _finish_when_loaded(model, target)
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a Hugging Face model directory, in load order."""
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_dir / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [model_dir / shard for shard in shards]
-            for file in files:
-                if not file.is_file():
-                    raise FileNotFoundError(f"{index_name} lists {file.name}, which is missing from {model_dir}")
-            return files
-    bin_file = model_dir / "pytorch_model.bin"
-    if bin_file.is_file():
-        return [bin_file]
-    raise FileNotFoundError(
-        f"no weights in {model_dir}: expected model.safetensors, model.safetensors.index.json "
-        "with its shards, or pytorch_model.bin"
-    )
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

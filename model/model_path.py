@@ -7,6 +7,7 @@ and says what is missing in a `ModelPathError` a user can act on.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "stories260K"
@@ -44,8 +45,6 @@ def resolve_model_path(model: str | Path | None) -> Path:
     path = checkpoint_path(model)
     if path.suffix.lower() == ".gguf":
         return path
-    from model.loader import checkpoint_files  # imports torch: only for a directory that needs it
-
     try:
         checkpoint_files(path)
     except FileNotFoundError as exc:
@@ -92,3 +91,29 @@ def default_model_name(model: str | Path | None, path: Path) -> str:
     """The name a model is served under: an installed model's name, a directory's name, or a
     GGUF file's name without its extension."""
     return installed_model_name(model) or (path.stem if path.is_file() else path.resolve().name)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a Hugging Face model directory, in load order."""
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise FileNotFoundError(f"{index_name} in {model_dir} cannot be read: {exc!r}") from None
+            files = [model_dir / shard for shard in shards]
+            for file in files:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{index_name} lists {file.name}, which is missing from {model_dir}")
+            return files
+    bin_file = model_dir / "pytorch_model.bin"
+    if bin_file.is_file():
+        return [bin_file]
+    raise FileNotFoundError(
+        f"no weights in {model_dir}: expected model.safetensors, model.safetensors.index.json "
+        "with its shards, or pytorch_model.bin"
+    )

@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("prompt", nargs="?", default="Once upon a time")
     parser.add_argument("--model", default=None,
-                        help="Hugging Face directory, .gguf file or installed model name (default: bundled stories260K)")
+                        help="Hugging Face directory, .gguf file or installed model name "
+                             "(default: bundled stories260K)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)

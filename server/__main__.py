@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 
 # Parsing the arguments (and --help) imports nothing heavy: the defaults come from server.defaults
 # and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
-from model.model_path import (INSTALLED_MODELS, ModelPathError, checkpoint_path, installed_model_name,
-                              installed_model_path)
+from model.model_path import INSTALLED_MODELS, ModelPathError, resolve_model_path
 from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
 from model.quantization.config import DEFAULT_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA
 from model.threads import THREADS_HELP, default_threads
@@ -215,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a new grammar may take to compile (in a sandbox process) before it is refused "
                         "with 400")
     g.add_argument("--grammar-mask-timeout", type=positive(float), default=DEFAULT_GRAMMAR_MASK_TIMEOUT,
-                   help="seconds of CPU time one step's grammar mask of a request may take; past it the request ends with "
-                        "finish_reason 'length' and stop_reason 'grammar_timeout'")
+                   help="seconds of CPU time one step's grammar mask of a request may take; past it the request "
+                        "ends with finish_reason 'length' and stop_reason 'grammar_timeout'")
     g.add_argument("--grammar-cache-memory", type=positive(float), default=DEFAULT_GRAMMAR_CACHE_BYTES / 2**30,
                    help="GiB of compiled grammars kept for reuse at most, shared fairly between API keys")
 
@@ -423,9 +422,8 @@ def main(argv: list[str] | None = None) -> None:
         address = f"[{args.host}]" if ":" in args.host else args.host
         print(f"sinkserve: error: cannot listen on {address}:{args.port}: {error}", file=sys.stderr)
         raise SystemExit(1)
-    try:  # a --model that names nothing is one line before torch is imported (a directory's files later)
-        name = installed_model_name(args.model)
-        installed_model_path(name) if name is not None else checkpoint_path(args.model)
+    try:  # a --model that names nothing, or a directory without weights, is one line before torch is imported
+        resolve_model_path(args.model)
     except ModelPathError as exc:
         print(f"sinkserve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,11 +15,12 @@ estimate of the Python objects' memory); past either, the API key holding the la
 the store (its responses over `max_responses`, or its bytes over `max_bytes`, whichever is
 larger) forgets its least recently used response (stored, retrieved or continued least
 recently) first, so that a key never loses a response to another key's flood while it holds
-less than that key; a response unused for `ttl` seconds is forgotten too. A forgotten response cannot be retrieved, deleted or continued (404),
-but the responses that continue it still hold its part of their history, so their chains go
-on: its memory is freed, and no longer counted, once no kept response needs it. A chain's
-session is ended when no response of the chain is kept any more (the caller ends it in the
-engine: `add`, `delete` and `get` return the sessions to end).
+less than that key; a response unused for `ttl` seconds is forgotten too. A forgotten response
+cannot be retrieved, deleted or continued (404), but the responses that continue it still hold
+its part of their history, so their chains go on: its memory is freed, and no longer counted,
+once no kept response needs it. A chain's session is ended when no response of the chain is
+kept any more (the caller ends it in the engine: `add`, `delete` and `get` return the sessions
+to end).
 
 Tenancy: a response is kept with the tenant (API key) that created it, and looking it up with
 another tenant is the same as looking up an unknown id.

@@ -82,7 +82,8 @@ def tool_grammar(parser: ToolParser, body: ChatCompletionRequest) -> str | None:
     if choice == "required":
         tools, parallel = template_tools(body), body.parallel_tool_calls
     else:
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools if tool.function.name == choice.function.name]
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools
+                 if tool.function.name == choice.function.name]
         parallel = False
     return lark_grammar(parser.grammar(tools, parallel))
 

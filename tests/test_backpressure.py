@@ -73,7 +73,8 @@ def test_streams_nobody_reads_are_aborted_and_memory_stays_bounded():
             aborted_after = time.monotonic() - start
             generated = server.metric("sinkserve_generation_tokens_total")
             rss_after = rss_mb(pid)
-            print(f"\n{NUM_STALLED} unread streams (bound {MAX_UNREAD_TOKENS}): all aborted after {aborted_after:.1f} s "
+            print(f"\n{NUM_STALLED} unread streams (bound {MAX_UNREAD_TOKENS}): all aborted after "
+                  f"{aborted_after:.1f} s "
                   f"and {generated:.0f} tokens generated in all; KV blocks back to {idle_blocks:.0f}; "
                   f"RSS {rss_before:.0f} -> {rss_after:.0f} MB; a reading client's 300 tokens: {canary_latency:.2f} s")
             assert rss_after - rss_before < 100

@@ -20,8 +20,8 @@ from server import defaults
 from server.__main__ import build_parser, listen_error, parse_args
 from tests.conftest import REPO_ROOT
 
-GROUPS = ("model", "device", "sampling defaults", "memory", "scheduling", "StreamingLLM", "sessions", "responses", "structured output",
-          "server", "security", "logging")
+GROUPS = ("model", "device", "sampling defaults", "memory", "scheduling", "StreamingLLM", "sessions", "responses",
+          "structured output", "server", "security", "logging")
 
 # Parses a few command lines and prints --help in a fresh interpreter, then reports what that imported.
 PARSE_SCRIPT = r"""
@@ -261,18 +261,24 @@ MISSING_MODEL_SCRIPT = r"""
 import sys
 from server.__main__ import main
 try:
-    main(["--model", "/no/such/model", "--port", "0"])
+    main(["--model", sys.argv[1], "--port", "0"])
 except SystemExit as exc:
     print(exc.code, "torch" in sys.modules)
 """
 
 
-def test_a_missing_model_is_one_line_before_torch_is_imported():
-    result = subprocess.run([sys.executable, "-c", MISSING_MODEL_SCRIPT], capture_output=True, text=True,
-                            timeout=120)
+def test_a_missing_model_is_one_line_before_torch_is_imported(tmp_path):
+    result = subprocess.run([sys.executable, "-c", MISSING_MODEL_SCRIPT, "/no/such/model"], capture_output=True,
+                            text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"]
     from model.model_path import INSTALLED_MODELS
 
     assert result.stderr.strip().splitlines() == [
         f"sinkserve: error: no such file or directory: /no/such/model (installed model names: "
         f"{', '.join(INSTALLED_MODELS)})"]
+    # A directory without weights too (the weight files are found without torch).
+    (tmp_path / "config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-c", MISSING_MODEL_SCRIPT, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"]
+    assert result.stderr.strip().startswith(f"sinkserve: error: no weights in {tmp_path}: expected model.safetensors")

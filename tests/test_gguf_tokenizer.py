@@ -125,7 +125,8 @@ def test_smollm2_corpus_matches_transformers(smollm2, smollm2_hf):
 
 def test_smollm2_splits_numbers_like_its_tokenizer_json(smollm2, smollm2_hf, smollm2_hf_digits):
     _check_parity(smollm2.backend, lambda text: smollm2_hf_digits.encode(text, add_special_tokens=False).ids,
-                  lambda ids, skip: smollm2_hf_digits.decode(ids, skip_special_tokens=skip), CORPUS + NUMBERS_AFTER_SPACE)
+                  lambda ids, skip: smollm2_hf_digits.decode(ids, skip_special_tokens=skip),
+                  CORPUS + NUMBERS_AFTER_SPACE)
     for text in NUMBERS_AFTER_SPACE:  # the one known difference from transformers
         ids = smollm2.backend.encode(text, add_special_tokens=False).ids
         assert ids != smollm2_hf.encode(text, add_special_tokens=False), text

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -104,6 +103,7 @@ def test_cli_refuses_a_bad_model_in_one_line(tmp_path, case):
     lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]  # startup progress
     assert len(lines) == 1 and lines[0].startswith("sinkserve: error: "), result.stderr
     expected = {"missing": "no such file or directory", "no_weights": "no weights",
-                "no_architectures": "architectures", "vocab_mismatch": "512 tokens but the model's vocabulary has 49152",
+                "no_architectures": "architectures",
+                "vocab_mismatch": "512 tokens but the model's vocabulary has 49152",
                 "bad_json": "cannot read", "bad_tokenizer": "cannot read"}
     assert expected[case] in lines[0]

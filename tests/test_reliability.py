@@ -99,7 +99,8 @@ class Soak:
 def wait_idle(server: ServerProcess, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (server.metric("sinkserve_num_requests_running") == 0 and server.metric("sinkserve_num_requests_waiting") == 0
+        if (server.metric("sinkserve_num_requests_running") == 0
+                and server.metric("sinkserve_num_requests_waiting") == 0
                 and server.metric("sinkserve_kv_blocks_used") == 0):
             return
         time.sleep(0.1)

@@ -209,7 +209,8 @@ def random_requests(seed: int, count: int, max_prompt: int = 30, max_tokens: int
 def check_outputs_alone(driver: Driver) -> None:
     for request_id, request in driver.requests.items():
         expected = run_alone(request.prompt_token_ids, request.params.max_tokens, request.index)
-        assert request.output_token_ids == expected, f"{request_id}: batched {request.output_token_ids} != alone {expected}"
+        assert request.output_token_ids == expected, \
+            f"{request_id}: batched {request.output_token_ids} != alone {expected}"
         assert request.finish_reason is FinishReason.LENGTH
 
 

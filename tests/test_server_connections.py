@@ -120,7 +120,8 @@ def half_sent_attack(server, count: int, max_connections: int, header_timeout: f
     fds_after = open_fds(server)
     attack_log = server.log().splitlines()[log_before:]
     print(f"\n{count} half-sent requests in {sent:.1f} s against --max-connections {max_connections}, then 100 "
-          f"invalid ones: /health ({1000 * idle_latency:.1f} ms idle) {len(latencies)}/{len(latencies)} answered, median "
+          f"invalid ones: /health ({1000 * idle_latency:.1f} ms idle) {len(latencies)}/{len(latencies)} answered, "
+          f"median "
           f"{1000 * statistics.median(latencies):.1f} ms, max {1000 * max(latencies):.1f} ms; fds {fds_before} "
           f"before, {fds_during} during, {fds_after} after; all closed {closed_after:.1f} s after the last was "
           f"sent; {len(attack_log)} log lines:")

@@ -59,7 +59,8 @@ def test_bad_requests_are_400(server, path, body, param, match):
 
 
 def test_malformed_json(server):
-    response = httpx.post(server.url + COMPLETIONS, content=b'{"prompt": ', headers={"content-type": "application/json"})
+    response = httpx.post(server.url + COMPLETIONS, content=b'{"prompt": ',
+                          headers={"content-type": "application/json"})
     _assert_error(response, 400, None, "not valid JSON")
     response = httpx.post(server.url + CHAT, content=b"\xff\xfe\x00", headers={"content-type": "application/json"})
     _assert_error(response, 400)

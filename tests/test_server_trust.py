@@ -408,7 +408,8 @@ def test_lone_surrogates_anywhere_a_client_can_put_them_are_never_a_5xx(keyed, w
         {"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "required"},
         {"messages": [{"role": "user", "content": "hi"},
                       {"role": "assistant", "content": None, "tool_calls": [
-                          {"id": bad, "type": "function", "function": {"name": bad, "arguments": '{"q": "' + bad + '"}'}}]},
+                          {"id": bad, "type": "function",
+                           "function": {"name": bad, "arguments": '{"q": "' + bad + '"}'}}]},
                       {"role": "tool", "tool_call_id": bad, "content": bad}]},
         {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"choice": [bad, "plain"]}},
         {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": bad}},

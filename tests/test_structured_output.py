@@ -50,7 +50,8 @@ SCHEMAS = [
         "type": "object", "additionalProperties": False, "required": ["name", "address"],
         "properties": {"name": {"type": "string", "maxLength": 40}, "address": {
             "type": "object", "additionalProperties": False, "required": ["street", "city"],
-            "properties": {"street": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 30}}}}}),
+            "properties": {"street": {"type": "string", "maxLength": 40},
+                           "city": {"type": "string", "maxLength": 30}}}}}),
     ("a task with a priority and a done flag", {
         "type": "object", "additionalProperties": False, "required": ["task", "priority", "done"],
         "properties": {"task": {"type": "string", "maxLength": 40}, "priority": {"enum": ["low", "medium", "high"]},
@@ -58,7 +59,8 @@ SCHEMAS = [
     ("a list of two cities with their populations", {
         "type": "array", "minItems": 2, "maxItems": 2, "items": {
             "type": "object", "additionalProperties": False, "required": ["city", "population"],
-            "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer", "minimum": 0, "maximum": 100000000}}}}),
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "population": {"type": "integer", "minimum": 0, "maximum": 100000000}}}}),
     ("an id, either a word or a number", {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "integer"}]}),
     ("a measurement whose value may be unknown", {
         "type": "object", "additionalProperties": False, "required": ["unit", "value"],
@@ -72,7 +74,7 @@ SCHEMAS = [
         "type": "object", "additionalProperties": False, "required": ["kind", "sku", "price", "tags", "stock"],
         "properties": {"kind": {"const": "product"}, "sku": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4}$"},
                        "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
-                       "tags": {"type": "array", "items": {"enum": ["new", "sale", "eco"]}, 
+                       "tags": {"type": "array", "items": {"enum": ["new", "sale", "eco"]},
                                 "maxItems": 3},
                        "stock": {"type": "integer", "minimum": 0, "maximum": 500}}}),
     ("a line between two points", {
@@ -154,7 +156,8 @@ def test_regex_and_choice(engine):
     choices = ["yes", "no", "maybe not"]
     outputs = _run(engine, [
         (ask, SamplingParams(temperature=0, max_tokens=20, grammar=regex_grammar("[0-9]{3}-[0-9]{4}"))),
-        (ask, SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=20, grammar=regex_grammar("[a-z]+@[a-z]+\\.com"))),
+        (ask, SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=20,
+                             grammar=regex_grammar("[a-z]+@[a-z]+\\.com"))),
         (yes_no, SamplingParams(temperature=0, max_tokens=20, grammar=choice_grammar(choices))),
     ])
     phone, email, answer = outputs
@@ -167,7 +170,8 @@ def test_each_of_n_completions_follows_the_grammar(engine):
     description, schema = SCHEMAS[6]  # a person with a name and an age
     for i in range(3):
         engine.add_request(f"n-{i}", _prompt(engine, description, schema),
-                           SamplingParams(n=3, temperature=1.0, seed=i, max_tokens=80, grammar=json_schema_grammar(schema)))
+                           SamplingParams(n=3, temperature=1.0, seed=i, max_tokens=80,
+                                          grammar=json_schema_grammar(schema)))
     texts: dict[tuple[str, int], str] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

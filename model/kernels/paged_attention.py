@@ -312,10 +312,10 @@ def _merge_kernel(
     part_valid = parts < num_parts
     ml = part_ml_ptr + seq * stride_pms + head * stride_pmh + parts * stride_pmp  # [P]
     m = tl.load(ml, mask=part_valid, other=float("-inf"))  # [P]
-    l = tl.load(ml + 1, mask=part_valid, other=0.0)  # [P]
+    part_sum = tl.load(ml + 1, mask=part_valid, other=0.0)  # [P]
     m_max = tl.max(m, axis=0)
     weights = tl.exp(m - m_max)  # [P]; 0 for missing partitions
-    denom = tl.sum(weights * l, axis=0)
+    denom = tl.sum(weights * part_sum, axis=0)
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     acc_row = part_acc_ptr + seq * stride_pas + head * stride_pah
