@@ -24,6 +24,7 @@ import torch
 
 from model.model_path import resolve_model_path
 from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 from scheduler.structured_output import StructuredOutput, json_schema_grammar
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tokenizer = Tokenizer.from_pretrained(resolve_model_path("smollm2"))
+    tokenizer = load_tokenizer(resolve_model_path("smollm2"))
     vocab_size, stop_ids = tokenizer.vocab_size, [tokenizer.eos_token_id]
     tokens = tokenizer.encode_text(DOCUMENT)
     engines = {"llguidance": llguidance_engine}

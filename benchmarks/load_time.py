@@ -52,12 +52,12 @@ import json, time, gguf, torch
 torch.set_num_threads(1)
 from model.gguf_checkpoint import _dequantize, open_gguf
 from model.model_path import resolve_model_path
-from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 path = resolve_model_path({model!r})
 times = {{}}
 start = time.perf_counter(); gguf.GGUFReader(path); times["gguf_reader_over_memmap"] = time.perf_counter() - start
 start = time.perf_counter(); reader = open_gguf(path); times["metadata"] = time.perf_counter() - start
-start = time.perf_counter(); Tokenizer.from_pretrained(path); times["tokenizer"] = time.perf_counter() - start
+start = time.perf_counter(); load_tokenizer(path); times["tokenizer"] = time.perf_counter() - start
 start = time.perf_counter()
 for tensor in reader.tensors:
     _dequantize(tensor)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from model.model_path import ModelPathError, resolve_model_path
-from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def main() -> None:
                 print(f"{model}: not installed, skipped")
                 continue
             flags, window = ["--model", model, "--max-model-len", str(args.tokens + 1)], args.tokens
-        tokens = Tokenizer.from_pretrained(path).encode_text(middle)[:args.tokens]
+        tokens = load_tokenizer(path).encode_text(middle)[:args.tokens]
         reference = None
         results[model] = {}
         for name in args.configs:

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from model.model_path import resolve_model_path
-from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "war_and_peace.txt"
@@ -36,7 +36,7 @@ MODES = ("cached", "host", "dropped")
 
 def texts(model: str, path: Path, num_tokens: int, count: int) -> list[str]:
     """`count` consecutive passages of about `num_tokens` tokens each."""
-    tokenizer = Tokenizer.from_pretrained(resolve_model_path(model))
+    tokenizer = load_tokenizer(resolve_model_path(model))
     text = path.read_text(encoding="utf-8")
     tokens = tokenizer.encode(text[:num_tokens * count * 6])
     return [tokenizer.decode(tokens[i * num_tokens:(i + 1) * num_tokens]) for i in range(count)]

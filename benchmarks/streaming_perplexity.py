@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ MODES = ("dense-in-context", "dense", "sliding", "sinks")
 def token_stream(path: Path, num_tokens: int, bos_per_story: bool = True) -> list[int]:
     """BOS + story, story after story, until `num_tokens` tokens; or, with `bos_per_story`
     False, one BOS and the stories joined by newlines (one document, like a book)."""
-    tokenizer = Tokenizer.from_pretrained(BUNDLED)
+    tokenizer = load_tokenizer(BUNDLED)
     stream: list[int] = []
     with open(path, encoding="utf-8") as f:
         story: list[str] = []

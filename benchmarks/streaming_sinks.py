@@ -40,7 +40,7 @@ import httpx
 
 from benchmarks.streaming_perplexity import score
 from model.model_path import resolve_model_path
-from model.tokenizer import Tokenizer
+from model.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ NUM_SINKS = 4
 
 def token_stream(model: str, path: Path, num_tokens: int) -> list[int]:
     """The book's text, tokenized as one document (the tokenizer's own BOS rule), cut to `num_tokens`."""
-    tokenizer = Tokenizer.from_pretrained(resolve_model_path(model))
+    tokenizer = load_tokenizer(resolve_model_path(model))
     text = path.read_text(encoding="utf-8")
     # Tokenize a prefix only: roughly 4 characters a token, with room to spare.
     tokens = tokenizer.encode(text[:num_tokens * 8])

@@ -88,12 +88,12 @@ def _finish_when_loaded(model: LlamaForCausalLM, target: PartTarget) -> None:
 def _quantize(model: LlamaForCausalLM, model_path: Path) -> None:
     """Calibrate (int8 with SmoothQuant), then build the formats of the layers not built yet."""
     from model.quantization.smoothquant import CALIBRATION_TEXT, CALIBRATION_TOKENS, calibrate
-    from model.tokenizer import Tokenizer
+    from model.tokenizer_loader import load_tokenizer
 
     config = model.quantization
     factors = {}
     if config.method == "int8" and config.smoothquant_alpha is not None:
-        tokenizer = Tokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
         tokens = tokenizer.encode_text(CALIBRATION_TEXT.read_text())[:CALIBRATION_TOKENS]
         factors = calibrate(model, tokens, config.smoothquant_alpha)
     for layer in model.quant_layers():

@@ -63,21 +63,6 @@ class Tokenizer(ABC):
     add_eos_token: bool
     chat_template: str | None
 
-    @staticmethod
-    def from_pretrained(path: str | Path) -> Tokenizer:
-        """The tokenizer of a Hugging Face directory or a GGUF file."""
-        from model.hf_tokenizer import HFTokenizer
-        from model.sentencepiece_tokenizer import SentencePieceTokenizer
-
-        path = Path(path)
-        if path.suffix.lower() == ".gguf":
-            return HFTokenizer.from_gguf(path)
-        if (path / "tokenizer.json").is_file():
-            return HFTokenizer.from_pretrained(path)
-        if (path / "tokenizer.model").is_file():
-            return SentencePieceTokenizer.from_pretrained(path)
-        raise TokenizerError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; `add_bos` None follows the checkpoint's setting."""
         ids = self.encode_text(replace_lone_surrogates(text))

@@ -37,7 +37,8 @@ from model.model_path import resolve_model_path
 from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
 from model.sampler import SamplerOutput, SamplingRow
 from model.sampling_params import SamplingParams
-from model.tokenizer import Tokenizer, check_vocab_size
+from model.tokenizer import check_vocab_size
+from model.tokenizer_loader import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.engine_config import EngineConfig
 from scheduler.engine_stats import EngineStats
@@ -110,7 +111,7 @@ class Engine:
         stage = _Stages()
         logger.info("loading %s", self.model_path)
         model_cfg = model_config(self.model_path)
-        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         stage.done("config and tokenizer read: %d layers, hidden size %d, %d tokens", model_cfg.num_hidden_layers,
                    model_cfg.hidden_size, self.tokenizer.vocab_size)
         if config.load_format != "dummy":  # random weights belong to no tokenizer: only padded

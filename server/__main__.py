@@ -30,7 +30,6 @@ from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, 
                              DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_RESPONSE_STORE_BYTES,
                              DEFAULT_RESPONSE_TTL, SERVER_THREAD_STACK_BYTES)
 from server.generation_config import GenerationConfigError, parse_overrides
-from server.response_store import default_response_store_path
 from server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -377,7 +376,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
     from server.chat_template import ChatTemplate
     from server.generation_config import resolve_generation_defaults
     from server.metrics import Metrics
-    from server.response_store import open_response_store
+    from server.response_stores import default_response_store_path, open_response_store
     from server.serving import ServerState
 
     # The model's recommended sampling is read first: a GGUF's metadata is then parsed once, for

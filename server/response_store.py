@@ -2,7 +2,7 @@
 bounded, per API key; `MemoryResponseStore` keeps them in this process (`--response-store memory`),
 `server/response_store_sqlite.py` in a file that survives restarts and that the replicas of one
 host share (the default), `server/response_store_redis.py` in Redis, for replicas on several
-hosts. `open_response_store` opens the one `--response-store` names. Plain Python.
+hosts (server/response_stores.py opens the one `--response-store` names). Plain Python.
 
 A stored response keeps what its turn added to the conversation (its own input messages and
 its output text, never its `instructions`, which OpenAI does not carry over) and a reference to
@@ -31,7 +31,6 @@ at once (each is O(1)); a lock makes the store safe to use from worker threads t
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -124,26 +123,6 @@ class ResponseStore(ABC):
 
     def close(self) -> None:
         """Release the store's connections."""
-
-
-def default_response_store_path() -> str:
-    """Where `--response-store` keeps responses by default: under $XDG_STATE_HOME (~/.local/state)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "sinkserve", "responses.sqlite3")
-
-
-def open_response_store(spec: str, max_responses: int = DEFAULT_MAX_STORED_RESPONSES,
-                        ttl: float = DEFAULT_RESPONSE_TTL, max_bytes: int = DEFAULT_RESPONSE_STORE_BYTES,
-                        max_chain_tokens: int = DEFAULT_MAX_CHAIN_TOKENS) -> ResponseStore:
-    """The store `--response-store` names: "memory", a redis:// or rediss:// URL, or the path of
-    an SQLite file (created with its directory)."""
-    if spec == "memory":
-        return MemoryResponseStore(max_responses, ttl, max_bytes, max_chain_tokens)
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from server.response_store_redis import RedisResponseStore
-        return RedisResponseStore(spec, max_responses, ttl, max_bytes, max_chain_tokens)
-    from server.response_store_sqlite import SQLiteResponseStore
-    return SQLiteResponseStore(spec, max_responses, ttl, max_bytes, max_chain_tokens)
 
 
 @dataclass

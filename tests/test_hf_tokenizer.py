@@ -25,6 +25,7 @@ from model.hf_tokenizer import ByteLevelDetokenizer, HFTokenizer, WindowDetokeni
 from model.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer, TokenizerError, check_vocab_size
+from model.tokenizer_loader import load_tokenizer
 from scheduler.output_processor import OutputProcessor
 from scheduler.request import Request
 from server.chat_template import ChatTemplate
@@ -120,17 +121,17 @@ def test_tokenizer_json_is_chosen_over_tokenizer_model(tmp_path, byte_level_dir)
     both = tmp_path / "both"
     shutil.copytree(byte_level_dir, both)
     shutil.copy(BUNDLED_MODEL_DIR / "tokenizer.model", both)
-    assert isinstance(Tokenizer.from_pretrained(both), HFTokenizer)
+    assert isinstance(load_tokenizer(both), HFTokenizer)
     (both / "tokenizer.json").unlink()
-    assert not isinstance(Tokenizer.from_pretrained(both), HFTokenizer)
+    assert not isinstance(load_tokenizer(both), HFTokenizer)
     (both / "tokenizer.model").unlink()
     with pytest.raises(TokenizerError, match="tokenizer.json or tokenizer.model"):
-        Tokenizer.from_pretrained(both)
+        load_tokenizer(both)
 
 
 @pytest.mark.parametrize("text", CORPUS + SPECIALS + [f"a {s} b{s}c" for s in SPECIALS])
 def test_byte_level_encode_decode_equal_transformers(byte_level_dir, hf_reference, text):
-    tok = Tokenizer.from_pretrained(byte_level_dir)
+    tok = load_tokenizer(byte_level_dir)
     ids = tok.encode(text)
     assert ids == hf_reference(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=False) == hf_reference.decode(ids) == text
@@ -138,7 +139,7 @@ def test_byte_level_encode_decode_equal_transformers(byte_level_dir, hf_referenc
 
 
 def test_byte_level_special_tokens(byte_level_dir, hf_reference):
-    tok = Tokenizer.from_pretrained(byte_level_dir)
+    tok = load_tokenizer(byte_level_dir)
     assert tok.vocab_size == len(hf_reference)
     assert (tok.bos_token_id, tok.eos_token_id) == (hf_reference.bos_token_id, hf_reference.eos_token_id)
     assert not tok.add_bos_token  # the post-processor adds nothing, and neither do we
@@ -151,7 +152,7 @@ def test_byte_level_special_tokens(byte_level_dir, hf_reference):
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_equals_transformers(byte_level_dir, hf_reference, messages, add_generation_prompt):
-    tok = Tokenizer.from_pretrained(byte_level_dir)
+    tok = load_tokenizer(byte_level_dir)
     template = ChatTemplate(tok)
     expected = hf_reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert template.render(messages, add_generation_prompt) == expected
@@ -166,7 +167,7 @@ def test_chat_template_jinja_file(tmp_path, byte_level_dir):
     del config["chat_template"]
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    assert ChatTemplate(Tokenizer.from_pretrained(model)).render([{"role": "user", "content": "x"}]) == "[x]"
+    assert ChatTemplate(load_tokenizer(model)).render([{"role": "user", "content": "x"}]) == "[x]"
 
 
 def test_post_processor_bos_is_followed(tmp_path, byte_level_dir):
@@ -181,12 +182,12 @@ def test_post_processor_bos_is_followed(tmp_path, byte_level_dir):
                                                            special_tokens=[("<|endoftext|>", 0)])
     backend.save(str(model / "tokenizer.json"))
     (model / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
-    tok = Tokenizer.from_pretrained(model)
+    tok = load_tokenizer(model)
     assert tok.add_bos_token and tok.encode("hi")[0] == 0 and tok.encode("hi", add_bos=False)[0] != 0
 
 
 def test_sentencepiece_tokenizer_json_matches_sentencepiece(sentencepiece_dir):
-    tok = Tokenizer.from_pretrained(sentencepiece_dir)
+    tok = load_tokenizer(sentencepiece_dir)
     sp = spm.SentencePieceProcessor(model_file=str(BUNDLED_MODEL_DIR / "tokenizer.model"))
     assert isinstance(tok, HFTokenizer) and not tok.byte_level
     assert tok.vocab_size == sp.vocab_size() and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
@@ -196,7 +197,7 @@ def test_sentencepiece_tokenizer_json_matches_sentencepiece(sentencepiece_dir):
 
 
 def test_vocab_size_must_fit_the_model(byte_level_dir):
-    tok = Tokenizer.from_pretrained(byte_level_dir)
+    tok = load_tokenizer(byte_level_dir)
     check_vocab_size(tok, tok.vocab_size + 64, "m")  # padded embedding rows: fine
     with pytest.raises(TokenizerError, match="49152"):
         check_vocab_size(tok, 49152, "m")
@@ -271,7 +272,7 @@ _TOKENIZERS: dict[Path, Tokenizer] = {}
 
 def _cached(path: Path) -> Tokenizer:
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 

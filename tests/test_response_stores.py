@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from server.response_store import Chain, MemoryResponseStore, StoredResponse, open_response_store
+from server.response_store import Chain, MemoryResponseStore, StoredResponse
+from server.response_stores import open_response_store
 from server.response_store_sqlite import SQLiteResponseStore
 from tests.redis_server import REDIS_SERVER, RedisServer
 

@@ -66,9 +66,9 @@ UNICODE_EDGES = ["\x00", "\ufeff BOM", "👩\u200d💻 ZWJ", "\u202e bidi overri
 @pytest.mark.parametrize("text", UNICODE_EDGES)
 def test_unicode_edges_survive_tokenize_detokenize_and_stop_strings(server, text):
     from model.model_path import BUNDLED_MODEL_DIR
-    from model.tokenizer import Tokenizer
+    from model.tokenizer_loader import load_tokenizer
 
-    tok = Tokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+    tok = load_tokenizer(BUNDLED_MODEL_DIR)
     tokens = httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60)
     assert tokens.status_code == 200 and tokens.json()["tokens"] == tok.encode(text)
     back = httpx.post(server.url + "/detokenize", json={"tokens": tokens.json()["tokens"]}, timeout=60)

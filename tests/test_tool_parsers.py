@@ -421,10 +421,10 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 @pytest.mark.parametrize("template", [None, CHATML], ids=["fallback", "chatml"])
 def test_past_calls_render_as_the_grammar_makes_the_model_write_them(tokenizer, template):
     # A session's history then matches the tokens the model wrote, and the parser reads it back.
-    from model.tokenizer import Tokenizer
+    from model.tokenizer_loader import load_tokenizer
     from server.chat_template import ChatTemplate
 
-    chat = ChatTemplate(Tokenizer.from_pretrained("model/bundled/stories260K"), template)
+    chat = ChatTemplate(load_tokenizer("model/bundled/stories260K"), template)
     assert chat.tool_format == "smollm2" and (template is None or chat.tool_template is not chat.template)
     calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
              {"id": "c2", "type": "function", "function": {"name": "now", "arguments": {}}}]
