@@ -3,13 +3,15 @@
 The API never pretends: a field the server does not know is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"), and a known field the server does not implement is
 accepted only at a value that asks for nothing (`functions: null`, `store: false`,
-`use_beam_search: false`, `best_of` equal to `n`, ...), else a 400 naming it. `null` stands for
+`use_beam_search: false`, `best_of` equal to `n`, ...), else a 400 naming it: each protocol
+module keeps one table of them (`Unimplemented` entries, checked by one validator). `null` stands for
 the default wherever a field has one. Ranges that pydantic can check are declared here; the
 rest is checked by SamplingParams, and both become 400 errors naming the parameter.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
@@ -46,25 +48,57 @@ class StrictModel(BaseModel):
         return data
 
 
-# Fields accepted only at the value that asks for nothing: that value, and why another is refused.
-_DO_NOTHING = {
-    "use_beam_search": (False, "beam search is not supported"),
-    "priority": (0, "priority is not supported: requests are served first come, first served"),
-    "store": (False, "store is not supported: completions are not stored"),
-    "metadata": (None, "metadata is only kept with store, which is not supported"),
+@dataclass(frozen=True)
+class Unimplemented:
+    """A known field the server does not implement: accepted at null and at the values in
+    `accepted` (those that ask for nothing), and when `empty`, at an empty list or object (or one
+    of nulls); any other value is a 400 saying `why`."""
+
+    why: str
+    accepted: tuple = ()
+    empty: bool = False
+
+    def check(self, value: Any) -> Any:
+        asks_nothing = value is None or value in self.accepted or (self.empty and _empty(value))
+        if not asks_nothing:
+            raise ValueError(self.why)
+        return value
+
+
+def _empty(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(item is None for item in value.values())
+    return isinstance(value, list) and not value
+
+
+def refusals(table: dict[str, Unimplemented]):
+    """One field validator for every field of `table` (each protocol module's table of the fields
+    it knows but does not implement)."""
+    def check(cls, value, info):
+        return table[info.field_name].check(value)
+    return field_validator(*table)(classmethod(check))
+
+
+# The fields of completions and chat that the server does not implement.
+SAMPLING_UNIMPLEMENTED = {
+    "use_beam_search": Unimplemented("beam search is not supported", (False,)),
+    "priority": Unimplemented("priority is not supported: requests are served first come, first served", (0,)),
+    "store": Unimplemented("store is not supported: completions are not stored", (False,)),
+    "metadata": Unimplemented("metadata is only kept with store, which is not supported", empty=True),
+    "service_tier": Unimplemented("service_tier must be auto or default", ("auto", "default")),
 }
 
-# Chat fields of OpenAI's that this server does not implement, likewise: the deprecated spelling
-# of tools, and fields for models other than this one.
-_CHAT_DO_NOTHING = {
-    "functions": ([], "functions is deprecated and not supported: use tools"),
-    "function_call": ("none", "function_call is deprecated and not supported: use tool_choice"),
-    "modalities": (["text"], 'this model writes text only: modalities can only be ["text"]'),
-    "audio": (None, "this model writes text only: audio output is not supported"),
-    "reasoning_effort": (None, "reasoning_effort is not supported: this model does not reason before it answers"),
-    "prediction": (None, "prediction (predicted outputs) is not supported"),
-    "web_search_options": (None, "web_search_options is not supported: this server does not search the web"),
-    "verbosity": (None, "verbosity is not supported: a reply's length is bounded by max_tokens"),
+# Chat's: the deprecated spelling of tools, and fields for models other than this one.
+CHAT_UNIMPLEMENTED = {
+    "functions": Unimplemented("functions is deprecated and not supported: use tools", empty=True),
+    "function_call": Unimplemented("function_call is deprecated and not supported: use tool_choice", ("none",)),
+    "modalities": Unimplemented('this model writes text only: modalities can only be ["text"]', (["text"],)),
+    "audio": Unimplemented("this model writes text only: audio output is not supported"),
+    "reasoning_effort": Unimplemented("reasoning_effort is not supported: this model does not reason before it "
+                                      "answers"),
+    "prediction": Unimplemented("prediction (predicted outputs) is not supported"),
+    "web_search_options": Unimplemented("web_search_options is not supported: this server does not search the web"),
+    "verbosity": Unimplemented("verbosity is not supported: a reply's length is bounded by max_tokens"),
 }
 
 
@@ -199,18 +233,7 @@ class SamplingFields(StrictModel):
     def _best_of(cls, value, info):
         return refuse(value, info.data.get("n", 1), "best_of must equal n: no candidates are ranked")
 
-    @field_validator("use_beam_search", "priority", "store", "metadata")
-    @classmethod
-    def _not_implemented(cls, value, info):
-        allowed, why = _DO_NOTHING[info.field_name]
-        return refuse(None if value in ({}, []) else value, allowed, why)  # {}: no metadata
-
-    @field_validator("service_tier")
-    @classmethod
-    def _service_tier(cls, value):
-        if value not in (None, "auto", "default"):
-            raise ValueError("service_tier must be auto or default")
-        return value
+    _unimplemented = refusals(SAMPLING_UNIMPLEMENTED)
 
     @field_validator("top_k")
     @classmethod
@@ -336,7 +359,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: FastList(Tool, max_length=MAX_TOOLS) | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
-    # Accepted at the value that asks for nothing (_CHAT_DO_NOTHING).
+    # Accepted at the values that ask for nothing (CHAT_UNIMPLEMENTED).
     functions: list | None = None
     function_call: StrictStr | dict | None = None
     modalities: list[StrictStr] | None = None
@@ -346,11 +369,7 @@ class ChatCompletionRequest(SamplingFields):
     web_search_options: dict | None = None
     verbosity: StrictStr | None = None
 
-    @field_validator(*_CHAT_DO_NOTHING)
-    @classmethod
-    def _not_for_this_model(cls, value, info):
-        allowed, why = _CHAT_DO_NOTHING[info.field_name]
-        return refuse(value, allowed, why)
+    _unimplemented_chat = refusals(CHAT_UNIMPLEMENTED)
 
     @field_validator("tools")
     @classmethod

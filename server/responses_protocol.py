@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from model.tokenizer import replace_lone_surrogates
-from server.protocol import FastList, StrictModel, refuse
+from server.protocol import SAMPLING_UNIMPLEMENTED, FastList, StrictModel, Unimplemented, refuse, refusals
 
 MAX_INPUT_ITEMS = 2048  # messages in one request's input
 MAX_CONTENT_PARTS = 256  # text parts in one message
@@ -24,6 +24,23 @@ MAX_METADATA_VALUE_CHARS = 512
 MAX_IDENTIFIER_CHARS = 512  # user, safety_identifier, prompt_cache_key
 
 _TEXT_PARTS = ("input_text", "output_text")
+
+
+# The fields of /v1/responses that the server does not implement (server/protocol.py, Unimplemented).
+RESPONSES_UNIMPLEMENTED = {
+    "tools": Unimplemented("tools are not supported yet", empty=True),
+    "reasoning": Unimplemented("reasoning is not supported: the model has no reasoning mode", empty=True),
+    "include": Unimplemented("include is not supported: none of its fields can be filled", empty=True),
+    "background": Unimplemented("background responses are not supported", (False,)),
+    "top_logprobs": Unimplemented("top_logprobs is not supported on /v1/responses yet", (0,)),
+    "service_tier": SAMPLING_UNIMPLEMENTED["service_tier"],
+    "prompt_cache_retention": Unimplemented('only "in_memory" (the chain\'s session cache) is supported',
+                                            ("in_memory",)),
+    "conversation": Unimplemented("conversations are not supported: chain responses with previous_response_id"),
+    "prompt": Unimplemented("prompt templates are not supported"),
+    "context_management": Unimplemented("context_management is not supported (the server's attention window "
+                                        "manages long chains)", empty=True),
+}
 
 
 class InputTextPart(StrictModel):
@@ -41,10 +58,8 @@ class OutputTextPart(StrictModel):
     annotations: list | None = None
     logprobs: list | None = None
 
-    @field_validator("annotations")
-    @classmethod
-    def _no_annotations(cls, value):
-        return refuse(value or None, None, "annotations are not supported: sinkserve's output has none")
+    _unimplemented = refusals({"annotations": Unimplemented("annotations are not supported: sinkserve's output has "
+                                                            "none", empty=True)})
 
 
 def _check_parts(content) -> None:
@@ -93,10 +108,8 @@ class InputMessage(StrictModel):
 class ResponseStreamOptions(StrictModel):
     include_obfuscation: StrictBool | None = None
 
-    @field_validator("include_obfuscation")
-    @classmethod
-    def _no_obfuscation(cls, value):
-        return refuse(value, False, "include_obfuscation is not supported: stream events carry no padding")
+    _unimplemented = refusals({"include_obfuscation": Unimplemented(
+        "include_obfuscation is not supported: stream events carry no padding", (False,))})
 
 
 class ResponseRequest(StrictModel):
@@ -197,10 +210,7 @@ class ResponseRequest(StrictModel):
         refuse(value.get("verbosity"), "medium", 'verbosity other than "medium" is not supported')
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        return refuse(value or None, None, "tools are not supported yet")
+    _unimplemented = refusals(RESPONSES_UNIMPLEMENTED)
 
     @field_validator("tool_choice")
     @classmethod
@@ -208,55 +218,6 @@ class ResponseRequest(StrictModel):
         if value is not None and value not in ("none", "auto"):
             raise ValueError('only "none" and "auto" are supported: tools are not supported yet')
         return value
-
-    @field_validator("reasoning")
-    @classmethod
-    def _no_reasoning(cls, value):
-        asked = {key: item for key, item in (value or {}).items() if item is not None}
-        return refuse(asked or None, None, "reasoning is not supported: the model has no reasoning mode")
-
-    @field_validator("include")
-    @classmethod
-    def _no_include(cls, value):
-        return refuse(value or None, None, "include is not supported: none of its fields can be filled")
-
-    @field_validator("background")
-    @classmethod
-    def _no_background(cls, value):
-        return refuse(value, False, "background responses are not supported")
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        return refuse(value, 0, "top_logprobs is not supported on /v1/responses yet")
-
-    @field_validator("service_tier")
-    @classmethod
-    def _service_tier(cls, value):
-        if value not in (None, "auto", "default"):
-            raise ValueError("service_tier must be auto or default")
-        return value
-
-    @field_validator("prompt_cache_retention")
-    @classmethod
-    def _cache_retention(cls, value):
-        return refuse(value, "in_memory", 'only "in_memory" (the chain\'s session cache) is supported')
-
-    @field_validator("conversation")
-    @classmethod
-    def _no_conversation(cls, value):
-        return refuse(value, None, "conversations are not supported: chain responses with previous_response_id")
-
-    @field_validator("prompt")
-    @classmethod
-    def _no_prompt(cls, value):
-        return refuse(value, None, "prompt templates are not supported")
-
-    @field_validator("context_management")
-    @classmethod
-    def _no_context_management(cls, value):
-        return refuse(value or None, None, "context_management is not supported (the server's attention "
-                                           "window manages long chains)")
 
     def messages(self) -> list[tuple[str, str]]:
         """This request's input as (role, text) pairs."""
