@@ -90,7 +90,7 @@ class _Stages:
     """Startup progress: one log line per stage done, with the seconds it took."""
 
     def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
+        self.last = time.perf_counter()
 
     def done(self, message: str, *args) -> None:
         now = time.perf_counter()

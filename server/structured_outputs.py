@@ -37,6 +37,18 @@ ANY_JSON_OBJECT = {"type": "object"}
 MAX_GBNF_CHARS = 32 * 1024
 
 
+def response_format_schema(body: SamplingFields) -> dict | bool | None:
+    """The JSON schema a JSON `response_format` asks the reply to follow, in OpenAI's strict
+    meaning when it says `strict` (None: no JSON format; a schema of true or false as given)."""
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return ANY_JSON_OBJECT
+    schema = response_format.json_schema.json_schema
+    return strict_schema(schema) if response_format.json_schema.strict and isinstance(schema, dict) else schema
+
+
 def requested_grammar(body: SamplingFields) -> tuple[str | None, str | None]:
     """The grammar `response_format` or `structured_outputs` asks for, and which of them asked
     (None, None: free output)."""
@@ -44,13 +56,8 @@ def requested_grammar(body: SamplingFields) -> tuple[str | None, str | None]:
     if response_format is not None and response_format.type != "text" and outputs is not None:
         raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
     try:
-        if response_format is not None and response_format.type == "json_object":
-            return json_schema_grammar(ANY_JSON_OBJECT), "response_format"
-        if response_format is not None and response_format.type == "json_schema":
-            schema = response_format.json_schema.json_schema
-            if response_format.json_schema.strict and isinstance(schema, dict):
-                schema = strict_schema(schema)
-            return json_schema_grammar(schema), "response_format"
+        if response_format is not None and response_format.type != "text":
+            return json_schema_grammar(response_format_schema(body)), "response_format"
         if outputs is None:
             return None, None
         if outputs.json_ is not None:

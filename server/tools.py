@@ -23,24 +23,8 @@ import uuid
 from scheduler.structured_output import lark_grammar
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessage
-from server.strict_schema import strict_schema
+from server.structured_outputs import response_format_schema
 from server.tool_parsers import ToolCallDelta, ToolParser
-
-
-def response_format_schema(body: ChatCompletionRequest) -> dict | None:
-    """The JSON schema a JSON response_format asks the reply to follow (None: no such format)."""
-    response_format = body.response_format
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return {"type": "object"}
-    schema = response_format.json_schema.json_schema
-    if schema is True:
-        return {}
-    if schema is False:
-        raise APIError(400, "response_format is not a valid grammar: the schema false allows no value",
-                       param="response_format")
-    return strict_schema(schema) if response_format.json_schema.strict else schema
 
 
 def template_tools(body: ChatCompletionRequest) -> list[dict] | None:
@@ -77,8 +61,12 @@ def tool_grammar(parser: ToolParser, body: ChatCompletionRequest) -> str | None:
     if choice in (None, "auto"):
         if not any(tool.function.strict for tool in body.tools):
             return None
+        content = response_format_schema(body)
+        if content is False:
+            raise APIError(400, "response_format is not a valid grammar: the schema false allows no value",
+                           param="response_format")
         return lark_grammar(parser.auto_grammar(template_tools(body), body.parallel_tool_calls,
-                                                response_format_schema(body)))
+                                                {} if content is True else content))
     if choice == "required":
         tools, parallel = template_tools(body), body.parallel_tool_calls
     else:
