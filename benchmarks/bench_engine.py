@@ -49,8 +49,8 @@ import transformers
 from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import decoders, models
 
-from model.hf_tokenizer import byte_level_alphabet
-from model.model_path import BUNDLED_MODEL_DIR, resolve_model_path
+from model.tokenizers.hf_tokenizer import byte_level_alphabet
+from model.checkpoints.model_path import BUNDLED_MODEL_DIR, resolve_model_path
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 

@@ -15,9 +15,9 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
   scaled_dot_product_attention;
 - `matmul`: every layer's projections (qkv, o, gate/up, down; distinct weights per layer, so
   they come from memory as in a forward) through `F.linear` (MKL's sgemm) against oneDNN's
-  matmul on the same dense weights (`model/linear.py`), at 1, 8, 64 and 256 rows;
+  matmul on the same dense weights (`model/layers/linear.py`), at 1, 8, 64 and 256 rows;
 - `matmul-small`: one small weight, which stays in the cache (stories260K's and the 15M
-  shape's projections), at 64 rows, `F.linear` against oneDNN: why `model/linear.py` keeps
+  shape's projections), at 64 rows, `F.linear` against oneDNN: why `model/layers/linear.py` keeps
   weights under 2^20 elements on MKL;
 - `contention`: the 76M shape's gate/up matmul at 64 rows alone, then while another process
   keeps the other CPU busy in a Python loop (what an HTTP server's threads do to the engine,
@@ -26,7 +26,7 @@ weights; `--model` takes any checkpoint directory), at batch 1 and 64, interleav
   against the same mask made additive once (`scaled_dot_product_attention` converts a
   boolean one at every call);
 - `ceiling`: the fastest decode any fp32 server can reach on this CPU at 64 streams, from the
-  matmuls alone: every layer's projections and the LM head at 64 rows through `model.linear.Linear`
+  matmuls alone: every layer's projections and the LM head at 64 rows through `model.layers.linear.Linear`
   (what the forward runs), timed, the FLOPs per token counted, and 64 / that time printed as
   tokens per second with nothing else in the step (no attention, no sampling, no server);
 - `bandwidth`: the same at one stream, where each matmul is one row and the step is a read of
@@ -116,8 +116,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = dict(SHAPE_76M)
     if args.model:
-        from model.loader import model_config
-        from model.model_path import resolve_model_path
+        from model.checkpoints.loader import model_config
+        from model.checkpoints.model_path import resolve_model_path
 
         cfg = model_config(resolve_model_path(args.model))
         args.vocab = cfg.vocab_size
@@ -239,7 +239,7 @@ def main() -> None:
             }, 5)
 
         if wanted('ceiling') or wanted('bandwidth'):
-            from model.linear import Linear
+            from model.layers.linear import Linear
 
             shapes = [shape for _ in range(shape["layers"]) for shape in layer_shapes] + [(args.vocab, hidden)]
             linears = [Linear(cols, rows, bias=False) for rows, cols in shapes]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.model_path import BUNDLED_MODEL_DIR
+from model.checkpoints.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 

@@ -22,9 +22,9 @@ import llguidance
 import llguidance.torch
 import torch
 
-from model.model_path import resolve_model_path
-from model.tokenizer import Tokenizer
-from model.tokenizer_loader import load_tokenizer
+from model.checkpoints.model_path import resolve_model_path
+from model.tokenizers.tokenizer import Tokenizer
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from scheduler.structured_output import StructuredOutput, json_schema_grammar
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],

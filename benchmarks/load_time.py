@@ -37,7 +37,7 @@ TRANSFORMERS = """
 import time, torch
 torch.set_num_threads(1)
 import transformers
-from model.model_path import resolve_model_path
+from model.checkpoints.model_path import resolve_model_path
 path = resolve_model_path({model!r})
 transformers.logging.set_verbosity_error()
 start = time.perf_counter()
@@ -50,9 +50,9 @@ print(time.perf_counter() - start)
 BREAKDOWN = """
 import json, time, gguf, torch
 torch.set_num_threads(1)
-from model.gguf_checkpoint import _dequantize, open_gguf
-from model.model_path import resolve_model_path
-from model.tokenizer_loader import load_tokenizer
+from model.checkpoints.gguf_checkpoint import _dequantize, open_gguf
+from model.checkpoints.model_path import resolve_model_path
+from model.tokenizers.tokenizer_loader import load_tokenizer
 path = resolve_model_path({model!r})
 times = {{}}
 start = time.perf_counter(); gguf.GGUFReader(path); times["gguf_reader_over_memmap"] = time.perf_counter() - start

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from model.model_path import resolve_model_path
+from model.checkpoints.model_path import resolve_model_path
 from scheduler.engine import Engine
 
 CONFIGS = {"int8-weight": {"quantization": "int8-weight"},

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from model.model_path import ModelPathError, resolve_model_path
-from model.tokenizer_loader import load_tokenizer
+from model.checkpoints.model_path import ModelPathError, resolve_model_path
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

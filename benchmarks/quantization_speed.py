@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model.model_path import resolve_model_path
+from model.checkpoints.model_path import resolve_model_path
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from server.chat_template import ChatTemplate

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from model.model_path import resolve_model_path
-from model.tokenizer_loader import load_tokenizer
+from model.checkpoints.model_path import resolve_model_path
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "war_and_peace.txt"

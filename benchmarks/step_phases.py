@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import model.attention as attention
+import model.layers.attention as attention
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from model.tokenizer_loader import load_tokenizer
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ import llguidance
 import llguidance.torch
 import torch
 
-from model.model_path import resolve_model_path
+from model.checkpoints.model_path import resolve_model_path
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from scheduler.structured_output import StructuredOutput, json_schema_grammar

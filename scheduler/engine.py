@@ -28,20 +28,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.attention_backend import resolve_backend
-from model.host_kv import HostKVPool
-from model.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
+from model.layers.attention_backend import resolve_backend
+from model.execution.host_kv import HostKVPool
+from model.execution.kv_sizing import resolve_device, resolve_dtype, size_kv_pool
 from model.quantization.auto import resolve_quantization
-from model.loader import load_model, model_config
-from model.model_path import resolve_model_path
-from model.runner import ModelInput, ModelRunner, PromptLogprobRequest
-from model.sampler import SamplerOutput, SamplingRow
+from model.checkpoints.loader import load_model, model_config
+from model.checkpoints.model_path import resolve_model_path
+from model.execution.runner import ModelInput, ModelRunner, PromptLogprobRequest
+from model.execution.sampler import SamplerOutput, SamplingRow
 from model.sampling_params import SamplingParams
-from model.tokenizer import check_vocab_size
-from model.tokenizer_loader import load_tokenizer
+from model.tokenizers.tokenizer import check_vocab_size
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.engine_config import EngineConfig
+from scheduler.engine_request import EngineRequest
 from scheduler.engine_stats import EngineStats
+from scheduler.input_processor import (InputLimits, InputProcessor, PromptTooLongError,  # noqa: F401 (re-exported)
+                                       resolve_sink_policy)
 from scheduler.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from scheduler.request import FinishReason, Request
 from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -55,10 +58,6 @@ logger = logging.getLogger(__name__)
 
 MAX_FAULTS = 3
 MAX_SOLO_STEPS = 4
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus max_tokens does not fit the model's context."""
 
 
 @dataclass
@@ -141,10 +140,14 @@ class Engine:
             logger.warning("max_model_len %d is past the model's context (%d): quality will degrade",
                            self.max_model_len, model_cfg.max_position_embeddings)
         self.block_size = config.block_size
-        self.sink_policy()  # refuse a bad default at startup
+        # A bad default is refused before the pool is sized.
+        resolve_sink_policy(config.attention_sinks, config.attention_window, config.block_size, self.max_model_len)
         num_blocks = size_kv_pool(self.model, config.block_size, config.num_kv_blocks, config.kv_cache_memory,
                                   config.gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens,
                                   self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, InputLimits(
+            model_cfg.vocab_size, self.max_model_len, config.max_num_seqs, num_blocks, config.block_size,
+            config.attention_sinks, config.attention_window))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
@@ -194,80 +197,41 @@ class Engine:
 
     def sink_policy(self, attention_sinks: int | None = None, attention_window: int | None = None
                     ) -> SinkPolicy | None:
-        """The StreamingLLM policy for a request's options; None takes the engine's setting, and
-        a window of 0 (or none at all) means dense attention."""
-        sinks = self.config.attention_sinks if attention_sinks is None else attention_sinks
-        window = self.config.attention_window if attention_window is None else attention_window
-        if not window:
-            return None
-        policy = SinkPolicy(sinks, window, self.block_size)
-        if policy.capacity > self.max_model_len:
-            raise ValueError(f"attention sinks + window ({policy.capacity}) must not exceed the context "
-                             f"({self.max_model_len} tokens)")
-        return policy
-
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    attention_sinks: int | None = None, attention_window: int | None = None,
-                    session_id: str | None = None, deadline: float | None = None,
-                    cache_salt: str | None = None, tenant: str | None = None,
-                    compiled_grammar: object | None = None) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises ValueError for bad input.
-
-        `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
-        `session_id` keeps the request's cache for the session's next request (sessions.py);
-        `cache_salt` lets it share prefix-cache blocks only with requests of the same salt;
-        `tenant` (an API key's id) is whose share of the idle sessions' memory its session
-        counts in (scheduler/sessions.py); `compiled_grammar` is `params.grammar` compiled
-        already (StructuredOutput.compile), which the engine then never compiles itself;
-        at `deadline` (time.monotonic()) the request ends, waiting or running, with finish
-        reason "timeout" and what it has generated so far.
-        """
-        if session_id is not None and params.n != 1:
-            raise ValueError("a session request must have n = 1")
-        if session_id is not None and params.prompt_logprobs is not None:
-            raise ValueError("a session request cannot ask for prompt logprobs")
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        policy = self.sink_policy(attention_sinks, attention_window)
-        self.check_prompt(token_ids, params, policy)
-        if params.grammar is not None:
-            # GrammarError: a ValueError
-            self.structured_output.add(request_id, params.grammar, cache_salt, compiled_grammar)
-        request = Request(request_id, token_ids, params, sink_policy=policy, session_id=session_id,
-                          cache_salt=cache_salt, tenant=tenant)
-        self._groups[request_id] = [request]
-        self.output_processor.add(request)
-        self.scheduler.add_request(request)
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, request_id))
-        self.num_prompt_tokens += len(token_ids)
-        return token_ids
+        """InputProcessor.sink_policy: the StreamingLLM policy for a request's options."""
+        return self.input_processor.sink_policy(attention_sinks, attention_window)
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams, policy: SinkPolicy | None) -> None:
-        """Raise ValueError if the request cannot be served; a windowed one has no length limit."""
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if params.n > self.scheduler.config.max_num_seqs:
-            raise ValueError(f"n={params.n} is more than max_num_seqs={self.scheduler.config.max_num_seqs}")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(t >= vocab for t, _ in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if policy is not None:
-            if policy.capacity_blocks() > self.block_manager.num_blocks:
-                raise ValueError("the KV pool cannot hold one sequence under this sink policy")
-            return
-        max_tokens = params.max_tokens or 0
-        if len(token_ids) + max_tokens > self.max_model_len or len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the prompt, "
-                f"{max_tokens} in the completion). Please reduce the length of the prompt or completion."
-            )
+        """InputProcessor.check_prompt: ValueError (PromptTooLongError) if it cannot be served."""
+        self.input_processor.check_prompt(token_ids, params, policy)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    **options) -> list[int]:
+        """Check and queue a request (options: InputProcessor.process's); returns its prompt
+        token ids. Raises ValueError for bad input."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.input_processor.process(request_id, prompt, params, **options)
+        self.add(request)
+        return request.prompt_token_ids
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request the input processor built (trusted: nothing is checked again but its
+        id and its grammar, which is compiled here unless it came compiled). ValueError if the
+        id is in use or the grammar is refused."""
+        request_id, params = request.request_id, request.params
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.grammar is not None:
+            # GrammarError: a ValueError
+            self.structured_output.add(request_id, params.grammar, request.cache_salt, request.compiled_grammar)
+        state = Request(request_id, request.prompt_token_ids, params, sink_policy=request.sink_policy,
+                        session_id=request.session_id, cache_salt=request.cache_salt, tenant=request.tenant)
+        self._groups[request_id] = [state]
+        self.output_processor.add(state)
+        self.scheduler.add_request(state)
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, request_id))
+        self.num_prompt_tokens += len(request.prompt_token_ids)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """Stop every completion of a request and free their blocks at once."""

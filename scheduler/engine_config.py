@@ -19,7 +19,7 @@ class EngineConfig:
     `model` is a Hugging Face directory, a GGUF file or an installed model's name (None: the
     bundled stories260K). The KV pool holds `num_kv_blocks` blocks when given; otherwise it is
     sized from memory: `kv_cache_memory` bytes on a CPU, `gpu_memory_utilization` of the device
-    on a GPU (model/kv_sizing.py). `max_model_len` None takes the model's context. A request
+    on a GPU (model/execution/kv_sizing.py). `max_model_len` None takes the model's context. A request
     without its own sink policy gets `attention_sinks` sinks and an `attention_window` recent
     window (None or 0: dense attention). Idle sessions given up under memory pressure move to
     `session_memory` bytes of host blocks (scheduler/sessions.py). Compiled grammars are cached

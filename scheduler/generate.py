@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
-from model.threads import THREADS_HELP, default_threads
+from model.execution.threads import THREADS_HELP, default_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from scheduler.request import FinishReason, GrammarOutcome, Request
 from scheduler.stop_strings import StopStringMatcher, automaton_for
 
 if TYPE_CHECKING:
-    from model.tokenizer import Detokenizer, Tokenizer
+    from model.tokenizers.tokenizer import Detokenizer, Tokenizer
 
 
 @dataclass

@@ -63,7 +63,7 @@ class Session:
 
 
 class KVMover(Protocol):
-    """Copies K/V blocks between the device pool and host blocks (model/host_kv.py)."""
+    """Copies K/V blocks between the device pool and host blocks (model/execution/host_kv.py)."""
 
     def save(self, device_blocks: list[int], host_blocks: list[int]) -> None: ...
 

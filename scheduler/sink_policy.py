@@ -6,14 +6,14 @@ overflow it, the oldest non-sink tokens are evicted, a block at a time:
 
 - the first eviction of a sequence whose sinks end inside a block drops that block's non-sink
   tail (`sink_gap` slots): the block stays, since it holds the sinks, and later keys are read
-  `sink_gap` slots further on (model/attention.py);
+  `sink_gap` slots further on (model/layers/attention.py);
 - every other eviction drops the oldest block after the sink blocks from the block table; the
   block goes back to the pool when no other sequence holds it.
 
 So the window holds between `window - block_size + 1` and `window` recent tokens. Positions are
 positions in the cache: the kept tokens are 0..kept-1 and the next one is `kept`. Keys are
 stored rotated at their absolute positions and the sinks are scored by a query rotated at its
-cache position (model/attention.py), so none of this rewrites a block. Prefill chunks stop at the capacity, so
+cache position (model/layers/attention.py), so none of this rewrites a block. Prefill chunks stop at the capacity, so
 evictions fall between chunks exactly where token-by-token processing would make them.
 """
 

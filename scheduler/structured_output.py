@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import llguidance
 import torch
 
-from model.tokenizer import Tokenizer
+from model.tokenizers.tokenizer import Tokenizer
 from scheduler.grammar_cache import GrammarCache
 from scheduler.grammar_vocab import (DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_MASK_TIMEOUT, MAX_GRAMMAR_CHARS,
                                      PARSER_LIMITS, GrammarVocab)

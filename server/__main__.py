@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 # Parsing the arguments (and --help) imports nothing heavy: the defaults come from server.defaults
 # and these stdlib-only modules; torch, uvicorn, the engine and the app are imported in main().
-from model.model_path import INSTALLED_MODELS, ModelPathError, resolve_model_path
+from model.checkpoints.model_path import INSTALLED_MODELS, ModelPathError, resolve_model_path
 from model.quantization.config import CHOICES as QUANTIZATION_CHOICES
 from model.quantization.config import DEFAULT_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA
-from model.threads import THREADS_HELP, default_threads
+from model.execution.threads import THREADS_HELP, default_threads
 from server.defaults import (DEFAULT_BODY_TIMEOUT, DEFAULT_GRAMMAR_CACHE_BYTES, DEFAULT_GRAMMAR_COMPILE_TIMEOUT,
                              DEFAULT_GRAMMAR_MASK_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
                              DEFAULT_MAX_CHAIN_TOKENS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT_TOKENS,
@@ -46,11 +46,11 @@ class ResponseStoreError(ValueError):
 def model_errors() -> tuple[type[Exception], ...]:
     """Errors a user fixes in what the command names: the files of --model (found before any weight is
     read where they can be), --generation-config, --response-store."""
-    from model.config import ConfigError
-    from model.gguf_checkpoint import GGUFError
-    from model.loader import CheckpointError
-    from model.model_path import ModelPathError
-    from model.tokenizer import TokenizerError
+    from model.checkpoints.config import ConfigError
+    from model.checkpoints.gguf_checkpoint import GGUFError
+    from model.checkpoints.loader import CheckpointError
+    from model.checkpoints.model_path import ModelPathError
+    from model.tokenizers.tokenizer import TokenizerError
     from server.chat_template import ChatTemplateError
     return (ModelPathError, ConfigError, CheckpointError, GGUFError, TokenizerError, ChatTemplateError,
             GenerationConfigError, ResponseStoreError)
@@ -370,7 +370,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_state(args: argparse.Namespace) -> ServerState:
-    from model.model_path import default_model_name, resolve_model_path
+    from model.checkpoints.model_path import default_model_name, resolve_model_path
     from scheduler.engine import Engine
     from server.async_engine import AsyncEngine
     from server.chat_template import ChatTemplate

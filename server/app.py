@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from model.tokenizer import Tokenizer, replace_lone_surrogates
+from model.tokenizers.tokenizer import Tokenizer, replace_lone_surrogates
 from server.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.chat import chat_prompt, create_chat_completion
 from server.completions import create_completion

@@ -31,7 +31,7 @@ from jinja2 import TemplateError, meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.tokenizer import Tokenizer
+from model.tokenizers.tokenizer import Tokenizer
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"

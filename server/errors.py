@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.tokenizer import replace_lone_surrogates
+from model.tokenizers.tokenizer import replace_lone_surrogates
 
 logger = logging.getLogger(__name__)
 # Characters of a refusal's reason in the log at most (a reason may quote a name the client sent).

@@ -133,7 +133,7 @@ def _from_hf_config(path: Path, source: str, lenient: bool = False) -> Generatio
 
 
 def _from_gguf(path: Path) -> GenerationDefaults:
-    from model.gguf_checkpoint import open_gguf  # the loader's cached reader: a file is parsed once
+    from model.checkpoints.gguf_checkpoint import open_gguf  # the loader's cached reader: a file is parsed once
 
     reader = open_gguf(path)
     sampling = {}
@@ -147,7 +147,7 @@ def _from_gguf(path: Path) -> GenerationDefaults:
 
 
 def _gguf_names(path: Path) -> tuple[str, ...]:
-    from model.gguf_checkpoint import open_gguf
+    from model.checkpoints.gguf_checkpoint import open_gguf
 
     reader = open_gguf(path)
     names = []

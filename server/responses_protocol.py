@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from model.tokenizer import replace_lone_surrogates
+from model.tokenizers.tokenizer import replace_lone_surrogates
 from server.protocol import SAMPLING_UNIMPLEMENTED, FastList, StrictModel, Unimplemented, refuse, refusals
 
 MAX_INPUT_ITEMS = 2048  # messages in one request's input

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from model.sampling_params import SamplingParams, SamplingParamsError
-from model.tokenizer import Tokenizer
+from model.tokenizers.tokenizer import Tokenizer
 from scheduler.engine import PromptTooLongError
 from scheduler.output_processor import RequestOutput, TokenLogprob
 from scheduler.stop_strings import automaton_for

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention import AttentionMetadata
-from model.llama import LlamaForCausalLM
+from model.layers.attention import AttentionMetadata
+from model.models.llama import LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO_ROOT / "model" / "bundled" / "stories260K"

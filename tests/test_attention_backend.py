@@ -14,8 +14,8 @@ import torch
 
 from tests.triton_device import DEVICE  # before triton is imported: sets up the interpreter
 
-from model.attention_backend import resolve_backend
-from model.cuda_graphs import batch_size_ladder
+from model.layers.attention_backend import resolve_backend
+from model.execution.cuda_graphs import batch_size_ladder
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from tests.conftest import save_hf_checkpoint

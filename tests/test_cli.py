@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from model import threads as cpu_threads
+from model.execution import threads as cpu_threads
 from server import defaults
 from server.__main__ import build_parser, listen_error, parse_args
 from tests.conftest import REPO_ROOT
@@ -75,7 +75,7 @@ def _option_helps(help_text: str) -> dict[str, str]:
 def test_parsing_and_help_import_nothing_heavy(parsed):
     modules = set(parsed["modules"])
     for heavy in ("torch", "numpy", "uvicorn", "fastapi", "starlette", "pydantic", "jinja2", "scheduler.engine",
-                  "server.app", "server.serving", "model.loader"):
+                  "server.app", "server.serving", "model.checkpoints.loader"):
         assert heavy not in modules, heavy
 
 
@@ -271,7 +271,7 @@ def test_a_missing_model_is_one_line_before_torch_is_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", MISSING_MODEL_SCRIPT, "/no/such/model"], capture_output=True,
                             text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"]
-    from model.model_path import INSTALLED_MODELS
+    from model.checkpoints.model_path import INSTALLED_MODELS
 
     assert result.stderr.strip().splitlines() == [
         f"sinkserve: error: no such file or directory: /no/such/model (installed model names: "

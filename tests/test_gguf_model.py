@@ -17,11 +17,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from model import gguf_checkpoint  # noqa: E402  (needs gguf)
-from model.config import ConfigError, ModelConfig  # noqa: E402
-from model.gguf_checkpoint import GGUFError, gguf_tensors, open_gguf  # noqa: E402
-from model.loader import CheckpointError, load_model, model_config  # noqa: E402
-from model.model_path import ModelPathError  # noqa: E402
+from model.checkpoints import gguf_checkpoint  # noqa: E402  (needs gguf)
+from model.checkpoints.config import ConfigError, ModelConfig  # noqa: E402
+from model.checkpoints.gguf_checkpoint import GGUFError, gguf_tensors, open_gguf  # noqa: E402
+from model.checkpoints.loader import CheckpointError, load_model, model_config  # noqa: E402
+from model.checkpoints.model_path import ModelPathError  # noqa: E402
 from tests.conftest import PagedDriver, max_relative_error, save_hf_checkpoint  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -14,7 +14,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
-from model.gguf_tokenizer import (  # noqa: E402
+from model.tokenizers.gguf_tokenizer import (  # noqa: E402
     PRE_TOKENIZER_SPLITS, UnsupportedGGUFTokenizer, tokenizer_from_gguf,
 )
 

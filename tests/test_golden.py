@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.loader import load_model
+from model.checkpoints.loader import load_model
 from tests.conftest import BUNDLED_MODEL, PagedDriver
 
 

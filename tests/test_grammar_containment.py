@@ -215,7 +215,7 @@ def test_masks_that_grow_slow_end_their_requests_on_a_real_vocabulary():
     """32 requests of a grammar whose masks grow with every token, on SmolLM2's 49k vocabulary
     (where a mask of it takes tens of milliseconds after some 80 tokens), beside a canary: each
     ends cleanly at the default mask budget, the canary is served throughout."""
-    from model.model_path import ModelPathError, resolve_model_path
+    from model.checkpoints.model_path import ModelPathError, resolve_model_path
 
     try:
         resolve_model_path("smollm2")

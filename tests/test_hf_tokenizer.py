@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, trainers
 
-from model.hf_tokenizer import ByteLevelDetokenizer, HFTokenizer, WindowDetokenizer
-from model.model_path import BUNDLED_MODEL_DIR
+from model.tokenizers.hf_tokenizer import ByteLevelDetokenizer, HFTokenizer, WindowDetokenizer
+from model.checkpoints.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
-from model.tokenizer import Tokenizer, TokenizerError, check_vocab_size
-from model.tokenizer_loader import load_tokenizer
+from model.tokenizers.tokenizer import Tokenizer, TokenizerError, check_vocab_size
+from model.tokenizers.tokenizer_loader import load_tokenizer
 from scheduler.output_processor import OutputProcessor
 from scheduler.request import Request
 from server.chat_template import ChatTemplate

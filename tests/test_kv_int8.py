@@ -1,4 +1,4 @@
-"""The int8 KV cache (model/kv_quant.py): its rounding against a float64 reference, and an engine
+"""The int8 KV cache (model/layers/kv_quant.py): its rounding against a float64 reference, and an engine
 with it against the same engine with a float cache whose writes are rounded the same way: the
 int8 pool stores, moves (sink eviction, copy-on-write, the host tier) and reads exactly those
 values. What the rounding costs in quality: benchmarks/quantization_quality.py."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import kv_quant
-from model.attention import write_kv
+from model.layers import kv_quant
+from model.layers.attention import write_kv
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from tests.conftest import max_relative_error, save_hf_checkpoint

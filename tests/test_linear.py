@@ -1,12 +1,12 @@
-"""model.linear.Linear: oneDNN for CPU float32 matmuls of several rows, F.linear otherwise,
+"""model.layers.linear.Linear: oneDNN for CPU float32 matmuls of several rows, F.linear otherwise,
 the same numbers either way."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import linear
-from model.linear import Linear, onednn_linear_available
+from model.layers import linear
+from model.layers.linear import Linear, onednn_linear_available
 
 
 @pytest.fixture

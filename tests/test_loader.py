@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.config import ConfigError, ModelConfig
-from model.loader import CheckpointError, load_model
-from model.model_path import ModelPathError
+from model.checkpoints.config import ConfigError, ModelConfig
+from model.checkpoints.loader import CheckpointError, load_model
+from model.checkpoints.model_path import ModelPathError
 from tests.conftest import PagedDriver, max_relative_error, save_hf_checkpoint
 
 

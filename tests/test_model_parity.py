@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.loader import load_model
+from model.checkpoints.loader import load_model
 from tests.conftest import PagedDriver, max_relative_error, save_hf_checkpoint
 
 CONFIGS = {

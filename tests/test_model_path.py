@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from model.model_path import BUNDLED_MODEL_DIR, INSTALLED_MODELS, ModelPathError, default_model_name, resolve_model_path
+from model.checkpoints.model_path import (BUNDLED_MODEL_DIR, INSTALLED_MODELS, ModelPathError, default_model_name,
+                                          resolve_model_path)
 from tests.conftest import REPO_ROOT
 
 

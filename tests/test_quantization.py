@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.loader import load_model
+from model.checkpoints.loader import load_model
 from model.quantization import linear as quant_linear
 from model.quantization.config import QuantizationConfig
 from model.quantization.formats import Dense, Int4Groups, Int8Channels, Int8Dynamic, dequantize
@@ -100,7 +100,7 @@ def test_int8_dynamic_is_exactly_w8a8_per_token(smoothed):
 
 def test_group_codes_of_gguf_blocks_are_exact(tmp_path):
     """Q4_0, Q4_1 and Q8_0 tensors read as codes dequantize to what gguf's own dequantizer gives."""
-    from model.gguf_checkpoint import _GROUP_CODES, open_gguf, release_gguf
+    from model.checkpoints.gguf_checkpoint import _GROUP_CODES, open_gguf, release_gguf
 
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(4)
@@ -228,7 +228,7 @@ def test_a_gguf_q4_1_file_is_served_from_its_own_codes(tmp_path):
     """auto on a Q4_1 file: every projection an int4 layer built from the file's codes, whose
     logits match the dequantized float model's within bfloat16 rounding."""
     from model.quantization.auto import resolve_quantization
-    from model.loader import model_config
+    from model.checkpoints.loader import model_config
     from tests.test_gguf_model import write_gguf
 
     hf = save_hf_checkpoint(tmp_path / "hf", seed=6, **TINY)
@@ -277,7 +277,7 @@ def test_methods_a_gpu_serves_and_refuses(tmp_path):
     """On a GPU, int8 and int8-weight run on Triton kernels (tests/test_int8_matmul.py), the int4
     pack kernel is the CPU's: a one-line error, never a silent float model; auto serves bfloat16."""
     pytest.importorskip("triton")
-    from model.loader import model_config
+    from model.checkpoints.loader import model_config
     from model.quantization.auto import resolve_quantization
 
     path = tmp_path / "hf"
@@ -321,7 +321,7 @@ def test_a_gpu_model_computes_what_the_cpu_model_does(tmp_path, method):
 
 def _unfinished_int8_model(path, monkeypatch):
     """An int8 model as the loader leaves it before calibration: float weights staged."""
-    import model.loader as loader
+    import model.checkpoints.loader as loader
 
     monkeypatch.setattr(loader, "_quantize", lambda model, path: None)
     model = load_model(path, torch.float32, quantization=QuantizationConfig("int8"))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from model.model_path import INSTALLED_MODELS
+from model.checkpoints.model_path import INSTALLED_MODELS
 from tests.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]

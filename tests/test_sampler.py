@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from model.sampler import Sampler, SamplingRow, apply_penalties, apply_token_bitmask, compute_logprobs
+from model.execution.sampler import Sampler, SamplingRow, apply_penalties, apply_token_bitmask, compute_logprobs
 from model.sampling_params import SamplingParams
 
 VOCAB = 16

@@ -65,8 +65,8 @@ UNICODE_EDGES = ["\x00", "\ufeff BOM", "👩\u200d💻 ZWJ", "\u202e bidi overri
 
 @pytest.mark.parametrize("text", UNICODE_EDGES)
 def test_unicode_edges_survive_tokenize_detokenize_and_stop_strings(server, text):
-    from model.model_path import BUNDLED_MODEL_DIR
-    from model.tokenizer_loader import load_tokenizer
+    from model.checkpoints.model_path import BUNDLED_MODEL_DIR
+    from model.tokenizers.tokenizer_loader import load_tokenizer
 
     tok = load_tokenizer(BUNDLED_MODEL_DIR)
     tokens = httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60)

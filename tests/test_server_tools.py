@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import pytest
 
-from model.model_path import ModelPathError, resolve_model_path
+from model.checkpoints.model_path import ModelPathError, resolve_model_path
 from tests.server_process import ServerProcess
 
 openai = pytest.importorskip("openai")

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from model.host_kv import HostKVPool
+from model.execution.host_kv import HostKVPool
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from model.sampler import SamplerOutput
+from model.execution.sampler import SamplerOutput
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from scheduler.sink_policy import SinkPolicy

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from model.model_path import ModelPathError, resolve_model_path
+from model.checkpoints.model_path import ModelPathError, resolve_model_path
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from server.chat_template import ChatTemplate

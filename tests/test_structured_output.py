@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from model.model_path import ModelPathError, resolve_model_path
+from model.checkpoints.model_path import ModelPathError, resolve_model_path
 from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
 from scheduler.structured_output import (GrammarError, StructuredOutput, choice_grammar, json_schema_grammar,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from model.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
-from model.tokenizer import TokenizerError
+from model.tokenizers.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
+from model.tokenizers.tokenizer import TokenizerError
 
 MODEL_DIR = Path(__file__).parents[1] / "model/bundled/stories260K"
 BYTE0 = 3  # <0x00> is id 3, so byte b is id b + 3

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.model_path import BUNDLED_MODEL_DIR
+from model.checkpoints.model_path import BUNDLED_MODEL_DIR
 from model.sampling_params import SamplingParams
-from model.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
+from model.tokenizers.sentencepiece_tokenizer import SentencePieceDetokenizer, SentencePieceTokenizer
 from scheduler.output_processor import OutputProcessor
 from scheduler.request import Request
 

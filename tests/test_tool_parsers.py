@@ -421,7 +421,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 @pytest.mark.parametrize("template", [None, CHATML], ids=["fallback", "chatml"])
 def test_past_calls_render_as_the_grammar_makes_the_model_write_them(tokenizer, template):
     # A session's history then matches the tokens the model wrote, and the parser reads it back.
-    from model.tokenizer_loader import load_tokenizer
+    from model.tokenizers.tokenizer_loader import load_tokenizer
     from server.chat_template import ChatTemplate
 
     chat = ChatTemplate(load_tokenizer("model/bundled/stories260K"), template)

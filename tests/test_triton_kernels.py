@@ -1,4 +1,4 @@
-"""Triton paged-attention kernels against the PyTorch reference (model/attention.py).
+"""Triton paged-attention kernels against the PyTorch reference (model/layers/attention.py).
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
 below before anything imports triton): small shapes only, it is slow. With CUDA the same
@@ -20,8 +20,8 @@ import torch
 
 from tests.triton_device import DEVICE  # before triton is imported: sets up the interpreter
 
-from model import kv_quant
-from model.attention import AttentionMetadata, paged_attention, write_kv
+from model.layers import kv_quant
+from model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from model.kernels import paged_attention_triton, write_kv_triton
 
 # Max error relative to the largest reference value, against a float32 reference on the same
@@ -141,7 +141,7 @@ def test_evictions_without_gaps():
 
 
 def test_decode_graph_metadata():
-    # As model/cuda_graphs.py passes it: absolute positions, sink lengths and gaps always set
+    # As model/execution/cuda_graphs.py passes it: absolute positions, sink lengths and gaps always set
     # (zeros for sequences without sinks), max_sink_len only an upper bound.
     specs = [(1, 45, 5, 40), (1, 9, 0, 0), (1, 100, 21, 300), (1, 30, 4, 0)]
 
@@ -222,7 +222,7 @@ def test_int8_pool(num_kv_heads, group, head_dim, block_size, dtype, partition_s
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_int8(dtype):
-    """The kernel's quantized write stores the bytes model/kv_quant.py would (to one code and
+    """The kernel's quantized write stores the bytes model/layers/kv_quant.py would (to one code and
     the scale's last bit on a GPU, whose float division may round differently)."""
     gen = torch.Generator().manual_seed(11)
     num_blocks, block_size, num_kv_heads, head_dim = 6, 16, 3, 64

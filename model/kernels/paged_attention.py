@@ -1,6 +1,6 @@
 """Triton paged attention over rotated keys, with StreamingLLM sinks and sink gaps (the GPU fast path).
 
-Same semantics as the PyTorch reference in model/attention.py, which is the oracle:
+Same semantics as the PyTorch reference in model/layers/attention.py, which is the oracle:
 
 - The pool of one layer is K and V `[num_blocks, block_size, num_kv_heads, head_dim]`.
   Sequence s's key j (cache order) lives at slot index `i = j + sink_gap[s] * (j >= sink_len[s])`,
@@ -41,10 +41,10 @@ Kernels:
   KV head); a tile's rows are BLOCK_M tokens x G_PAD heads; causal by cache position over the
   paged context; online softmax, fp32 accumulation.
 
-An int8 pool (model/kv_quant.py: rows of head_dim codes and a float16 scale, `[.., D + 2]`)
+An int8 pool (model/layers/kv_quant.py: rows of head_dim codes and a float16 scale, `[.., D + 2]`)
 is read in the same kernels (constexpr KV_INT8): each key and value tile is loaded as codes,
 its rows' scales through a float16 view of the pool (element D / 2 of a row), and dequantized
-to the queries' dtype before its dot; `_write_kv_kernel` quantizes as model/kv_quant.py does
+to the queries' dtype before its dot; `_write_kv_kernel` quantizes as model/layers/kv_quant.py does
 (ties to even, the division correctly rounded).
 
 dtypes: float32, float16, bfloat16 (q, q_sink and the pools share one dtype, or the pools are
@@ -66,8 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from model import kv_quant
-from model.attention import AttentionMetadata
+from model.layers import kv_quant
+from model.layers.attention import AttentionMetadata
 
 # Keys per context partition of the decode kernel (flash-decoding split).
 DEFAULT_PARTITION_SIZE = 512
@@ -171,7 +171,7 @@ def _round_half_even(y):
 @triton.jit
 def _store_rows(x, row_off, dims, row_valid, cache_ptr, scale_ptr, KV_INT8: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Store rows x [H, D] (row_valid [H]) at cache_ptr + row_off [H]; an int8 pool gets each row's codes
-    round(x / s), s = max |x| / 127 in float16, and s after them, as model/kv_quant.py."""
+    round(x / s), s = max |x| / 127 in float16, and s after them, as model/layers/kv_quant.py."""
     if KV_INT8:
         xf = x.to(tl.float32)
         step = (tl.max(tl.abs(xf), axis=1) / 127.0).to(tl.float16).to(tl.float32)  # [H]
@@ -466,7 +466,7 @@ def paged_attention_triton(q: torch.Tensor, q_sink: torch.Tensor | None, k_cache
     absolute positions; q_sink [T, Hq, D] (or None), rotated at their cache positions, scores
     each sequence's first `meta.sink_lens` keys.
 
-    Same arguments and result as `model.attention.paged_attention`: q_sink is ignored when
+    Same arguments and result as `model.layers.attention.paged_attention`: q_sink is ignored when
     `meta.rope_positions` is None (no evictions) or `meta.max_sink_len` is 0. Returns
     [T, Hq, D] in q's dtype. `partition_size` (keys per decode partition; a power of two >= 16)
     only trades parallelism for merge work; `block_n` (keys per tile, a power of two >= 16)

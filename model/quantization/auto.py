@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
+from model.checkpoints.config import ModelConfig
 from model.quantization.config import METHODS, QuantizationConfig
 
 FOUR_BIT = ("Q4_0", "Q4_1")
@@ -35,7 +35,7 @@ FOUR_BIT = ("Q4_0", "Q4_1")
 
 def gguf_projection_types(path: Path) -> Counter:
     """How many projection weights of each GGML type a GGUF file holds."""
-    from model.gguf_checkpoint import open_gguf
+    from model.checkpoints.gguf_checkpoint import open_gguf
 
     return Counter(tensor.tensor_type.name for tensor in open_gguf(path).tensors
                    if tensor.name.startswith("blk.") and tensor.name.endswith(".weight") and len(tensor.shape) == 2)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.linear import dense_matmul
+from model.layers.linear import dense_matmul
 
 INT8_MAX = 127
 

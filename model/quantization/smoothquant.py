@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model.attention import AttentionMetadata
+from model.layers.attention import AttentionMetadata
 from model.quantization.formats import Int8Dynamic
 from model.quantization.linear import QuantLinear
 

@@ -1,6 +1,6 @@
 """Which implementation of paged attention a model runs: the PyTorch reference or Triton kernels.
 
-- `torch`: `model/attention.py`, pure PyTorch, any device; the oracle the kernels are tested
+- `torch`: `model/layers/attention.py`, pure PyTorch, any device; the oracle the kernels are tested
   against.
 - `triton`: `model/kernels/`, fused paged-attention kernels; the default on a CUDA GPU when
   triton imports and the head dim is a power of two >= 16. On a CPU it runs only in Triton's
@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from model.attention import AttentionMetadata, paged_attention, write_kv
+from model.layers.attention import AttentionMetadata, paged_attention, write_kv
 
 BACKENDS = ("auto", "torch", "triton")
 
-# (q, q_sink, k_cache, v_cache, meta, scale) -> out: see model/attention.py.
+# (q, q_sink, k_cache, v_cache, meta, scale) -> out: see model/layers/attention.py.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, AttentionMetadata, float],
                        torch.Tensor]
 WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from model.tokenizer import (Tokenizer, TokenizerError, chat_template_of, drop_seen_replacements, read_json,
+from model.tokenizers.tokenizer import (Tokenizer, TokenizerError, chat_template_of, drop_seen_replacements, read_json,
                              replace_lone_surrogates)
 
 _SPACE = "\u2581"  # SentencePiece's "▁" word-boundary marker

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from model.config import RopeConfig
+from model.checkpoints.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.llama import KVCache
+from model.models.llama import KVCache
 
 
 class HostKVPool:

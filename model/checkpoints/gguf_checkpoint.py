@@ -17,15 +17,15 @@ import gguf
 import numpy as np
 import torch
 
-from model.config import ModelConfig, RopeConfig
+from model.checkpoints.config import ModelConfig, RopeConfig
 from model.quantization.weights import GroupCodes
-from model.rotary import rope_inv_freq
+from model.layers.rotary import rope_inv_freq
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 # Llama 3.1-style divisors of the RoPE frequencies [head_dim // 2]. They are not a parameter:
 # gguf_tensors yields the inverse frequencies they give, under the rotary buffer's name.
 ROPE_FREQS = "rope_freqs.weight"
-INV_FREQ = "model.rotary.inv_freq"
+INV_FREQ = "model.layers.rotary.inv_freq"
 
 # llama.cpp's tensor names, without `.weight` / `.bias`, to Hugging Face's.
 _MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -139,7 +139,7 @@ def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig, keep_codes: bool 
     """Every tensor of the file as (Hugging Face name, float32 tensor in HF's shape and layout).
 
     All names are checked before any tensor data is read. `rope_freqs.weight` comes out as
-    the inverse frequencies it gives, named `model.rotary.inv_freq`. With `keep_codes`, the
+    the inverse frequencies it gives, named `model.layers.rotary.inv_freq`. With `keep_codes`, the
     projection weights stored as Q4_0, Q4_1 or Q8_0 come as their own codes (`GroupCodes`),
     for layers that keep them (model/quantization/).
     """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from model.tokenizer import TokenizerError
+from model.tokenizers.tokenizer import TokenizerError
 
 _KEYS = gguf.Keys.Tokenizer
 _SPACE = "\u2581"  # SentencePiece's "▁" word-boundary marker

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from model.attention import AttentionMetadata
-from model.llama import LlamaForCausalLM
+from model.layers.attention import AttentionMetadata
+from model.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 
-from model.tokenizer import (Tokenizer, TokenizerError, chat_template_of, drop_seen_replacements, read_json,
+from model.tokenizers.tokenizer import (Tokenizer, TokenizerError, chat_template_of, drop_seen_replacements, read_json,
                              replace_lone_surrogates)
 
 _REPLACEMENT = "\ufffd"
@@ -102,8 +102,8 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> HFTokenizer:
-        from model.gguf_checkpoint import open_gguf
-        from model.gguf_tokenizer import tokenizer_from_gguf
+        from model.checkpoints.gguf_checkpoint import open_gguf
+        from model.tokenizers.gguf_tokenizer import tokenizer_from_gguf
 
         try:
             spec = tokenizer_from_gguf(open_gguf(path))

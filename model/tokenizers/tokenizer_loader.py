@@ -1,18 +1,18 @@
 """The tokenizer a checkpoint carries, loaded: `load_tokenizer(path)`.
 
-A GGUF file's own vocabulary (model/gguf_tokenizer.py, through Hugging Face `tokenizers`), a
-directory's `tokenizer.json` (model/hf_tokenizer.py), or its SentencePiece `tokenizer.model`
-(model/sentencepiece_tokenizer.py), in that order. The implementations import only their base
-(model/tokenizer.py), and this module imports them: no import circle.
+A GGUF file's own vocabulary (model/tokenizers/gguf_tokenizer.py, through Hugging Face `tokenizers`), a
+directory's `tokenizer.json` (model/tokenizers/hf_tokenizer.py), or its SentencePiece `tokenizer.model`
+(model/tokenizers/sentencepiece_tokenizer.py), in that order. The implementations import only their base
+(model/tokenizers/tokenizer.py), and this module imports them: no import circle.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from model.hf_tokenizer import HFTokenizer
-from model.sentencepiece_tokenizer import SentencePieceTokenizer
-from model.tokenizer import Tokenizer, TokenizerError
+from model.tokenizers.hf_tokenizer import HFTokenizer
+from model.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
+from model.tokenizers.tokenizer import Tokenizer, TokenizerError
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import kv_quant
+from model.layers import kv_quant
 
 
 
@@ -154,7 +154,7 @@ def group_by_length(lengths: list[int], max_padding: float = 0.25, min_group: in
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new k, v [T, num_kv_heads, head_dim] at their pool slots (an int8 pool: quantized
-    per token and head, model/kv_quant.py)."""
+    per token and head, model/layers/kv_quant.py)."""
     if kv_quant.is_quantized(k_cache):
         k, v = kv_quant.quantize(k), kv_quant.quantize(v)  # [T, Hkv, D + 2] int8
     num_kv_heads, row = k.shape[1:]

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.config import ModelConfig
+from model.checkpoints.config import ModelConfig
 from model.quantization.config import QuantizationConfig
-from model.llama import LlamaForCausalLM, PartTarget
-from model.model_path import checkpoint_files, checkpoint_path
-from model.rotary import rope_inv_freq
+from model.models.llama import LlamaForCausalLM, PartTarget
+from model.checkpoints.model_path import checkpoint_files, checkpoint_path
+from model.layers.rotary import rope_inv_freq
 
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -88,7 +88,7 @@ def _finish_when_loaded(model: LlamaForCausalLM, target: PartTarget) -> None:
 def _quantize(model: LlamaForCausalLM, model_path: Path) -> None:
     """Calibrate (int8 with SmoothQuant), then build the formats of the layers not built yet."""
     from model.quantization.smoothquant import CALIBRATION_TEXT, CALIBRATION_TOKENS, calibrate
-    from model.tokenizer_loader import load_tokenizer
+    from model.tokenizers.tokenizer_loader import load_tokenizer
 
     config = model.quantization
     factors = {}
@@ -106,7 +106,7 @@ def model_config(model_path: str | Path | None = None) -> ModelConfig:
     model_path = checkpoint_path(model_path)
     if model_path.suffix.lower() != ".gguf":
         return ModelConfig.from_pretrained(model_path)
-    from model.gguf_checkpoint import gguf_model_config, open_gguf  # gguf is needed for GGUF files only
+    from model.checkpoints.gguf_checkpoint import gguf_model_config, open_gguf  # gguf is needed for GGUF files only
 
     return gguf_model_config(open_gguf(model_path))
 
@@ -157,7 +157,7 @@ def _load_checkpoint(model: LlamaForCausalLM, model_dir: Path) -> None:
 
 
 def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
-    from model.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf, release_gguf
+    from model.checkpoints.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf, release_gguf
 
     params = model.checkpoint_tensors()
     # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).

@@ -25,8 +25,8 @@ import logging
 
 import torch
 
-from model.attention import AttentionMetadata
-from model.llama import KVCache, LlamaForCausalLM
+from model.layers.attention import AttentionMetadata
+from model.models.llama import KVCache, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
