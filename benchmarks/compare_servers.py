@@ -120,8 +120,9 @@ DEFAULT_LLAMA_CPP_TREE = Path(os.environ.get(
     "SINKSERVE_LLAMA_CPP_TREE", REPO_DIR.parent / "llamacpp" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
 DEFAULT_WORK_DIR = Path("~/.cache/sinkserve-compare").expanduser()
 
-SYSTEMS = ("sinkserve", "llamacpp", "transformers")
-SYSTEM_TITLES = {"sinkserve": "sinkserve", "llamacpp": "llama.cpp server", "transformers": "transformers"}
+SYSTEMS = ("sinkserve", "baseline", "llamacpp", "transformers")
+SYSTEM_TITLES = {"sinkserve": "sinkserve", "baseline": "sinkserve baseline", "llamacpp": "llama.cpp server",
+                 "transformers": "transformers"}
 MODELS = ("stories260K", "15m", "76m", "smollm2", "smollm2-q4_1", "smollm2-q8_0")
 MODEL_TITLES = {"stories260K": "stories260K", "15m": "15M shape", "76m": "76M shape", "smollm2": "SmolLM2-135M",
                 "smollm2-q4_1": "SmolLM2-135M Q4_1", "smollm2-q8_0": "SmolLM2-135M Q8_0"}
@@ -422,6 +423,12 @@ class SinkserveServer(ServerProcess):
         super().__init__(command, log_path, cwd=sinkserve_dir, env=env)
 
 
+class BaselineServer(SinkserveServer):
+    """Another sinkserve checkout (`--baseline-dir`), run interleaved with this one: before/after a change."""
+
+    system = "baseline"
+
+
 class LlamaServer(ServerProcess):
     system = "llamacpp"
 
@@ -589,6 +596,9 @@ def start_servers(checkpoint: Checkpoint, workload: Workload, args: argparse.Nam
         if "sinkserve" in args.systems:
             servers.append(SinkserveServer(checkpoint, workload, args.sinkserve_dir, args.python,
                                            logs / f"sinkserve-{checkpoint.name}-{workload.name}.log", args.threads))
+        if "baseline" in args.systems:
+            servers.append(BaselineServer(checkpoint, workload, args.baseline_dir, args.python,
+                                          logs / f"baseline-{checkpoint.name}-{workload.name}.log", args.threads))
         if "llamacpp" in args.systems:
             servers.append(LlamaServer(checkpoint, workload, args.llama_cpp_tree / "build" / "bin" / "llama-server",
                                        logs / f"llamacpp-{checkpoint.name}-{workload.name}.log", args.threads))
@@ -722,15 +732,19 @@ def table_rows(workload: Workload, model: str, results: list[RunResult]) -> list
 
 
 def markdown_tables(results: list[RunResult], pairs: list[tuple[Workload, str]]) -> str:
-    header = ("| workload (model shape) | sinkserve | llama.cpp server | transformers | sinkserve ÷ llama.cpp "
-              "| sinkserve ÷ transformers |\n|---|---:|---:|---:|---:|---:|")
-    lines = [header]
+    with_baseline = any(r.system == "baseline" for r in results)
+    header = "| workload (model shape) | sinkserve |" + (" sinkserve baseline |" if with_baseline else "")
+    header += " llama.cpp server | transformers |" + (" sinkserve ÷ baseline |" if with_baseline else "")
+    header += " sinkserve ÷ llama.cpp | sinkserve ÷ transformers |"
+    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
     for workload, model in pairs:
         for title, metric in table_rows(workload, model, results):
             stats = medians(results, metric)
-            ours, llama, hf = (stats.get((workload.name, model, system)) for system in SYSTEMS)
-            lines.append(f"| {title} | {cell(ours)} | {cell(llama)} | {cell(hf, transformers_note(workload))} "
-                         f"| {ratio(ours, llama)} | {ratio(ours, hf)} |")
+            ours, base, llama, hf = (stats.get((workload.name, model, system)) for system in SYSTEMS)
+            lines.append(f"| {title} | {cell(ours)} |" + (f" {cell(base)} |" if with_baseline else "")
+                         + f" {cell(llama)} | {cell(hf, transformers_note(workload))} |"
+                         + (f" {ratio(ours, base)} |" if with_baseline else "")
+                         + f" {ratio(ours, llama)} | {ratio(ours, hf)} |")
     lines += ["", "Latency, median (min–max) over runs of the per-run medians over requests; transformers' TTFT is "
               "a separate 1-token generate of the same batch (or prompt):", "",
               "| workload (model shape) | system | TTFT ms | TPOT ms | load avg (1 min) |", "|---|---|---:|---:|---:|"]
@@ -761,6 +775,8 @@ def markdown_report(tables: str, env: dict, args: argparse.Namespace, checks: li
              f"{load_text(env['load_avg_at_start'])} at the start, {load_text(env['load_avg_at_end'])} at the end; "
              f"took {env['elapsed_s'] / 60:.1f} min",
              f"- sinkserve: {env['sinkserve_dir']} at {git['commit'][:10]} ({git['subject'][:80]}){modified}",
+             *([f"- sinkserve baseline: {env['baseline_dir']} at {env['baseline_git']['commit'][:10]} "
+                f"({env['baseline_git']['subject'][:80]})"] if "baseline_dir" in env else []),
              f"- llama.cpp: {env.get('llama_server_version', 'not run').splitlines()[0]}; "
              f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
              f"- {args.threads} thread(s) per server (transformers: 1); runs per (workload, model): {runs}, "
@@ -783,7 +799,8 @@ def summary_json(results: list[RunResult], pairs: list[tuple[Workload, str]]) ->
             entry = {"workload": workload.name, "model": model, "metric": metric}
             for system in SYSTEMS:
                 entry[system] = stats.get((workload.name, model, system))
-            ours, llama, hf = (entry[system] for system in SYSTEMS)
+            ours, base, llama, hf = (entry[system] for system in SYSTEMS)
+            entry["sinkserve_over_baseline"] = ours["median"] / base["median"] if ours and base else None
             entry["sinkserve_over_llamacpp"] = ours["median"] / llama["median"] if ours and llama else None
             entry["sinkserve_over_transformers"] = ours["median"] / hf["median"] if ours and hf else None
             out.append(entry)
@@ -832,6 +849,8 @@ def environment(args: argparse.Namespace) -> dict:
            "transformers": transformers.__version__, "httpx": httpx.__version__,
            "sinkserve_dir": str(args.sinkserve_dir), "sinkserve_git": git_commit(args.sinkserve_dir),
            "compare_script_git": git_commit(REPO_DIR)}
+    if args.baseline_dir is not None:
+        env |= {"baseline_dir": str(args.baseline_dir), "baseline_git": git_commit(args.baseline_dir)}
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         env["gguf"] = importlib.metadata.version("gguf")
     if "sinkserve" in args.systems:
@@ -859,13 +878,16 @@ def comma_list(choices: tuple[str, ...]):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sinkserve-dir", type=Path, default=REPO_DIR, help="checkout whose server is measured")
+    p.add_argument("--baseline-dir", type=Path, default=None,
+                   help="another checkout run interleaved with --sinkserve-dir (system 'baseline': before/after)")
     p.add_argument("--python", default=sys.executable, help="python that runs the sinkserve server")
     p.add_argument("--llama-cpp-tree", type=Path, default=DEFAULT_LLAMA_CPP_TREE,
                    help="a llama.cpp source tree with build/bin/llama-server and llama-quantize "
                         "(benchmarks/build_llama_cpp.sh makes one)")
     p.add_argument("--threads", type=int, default=1, help="threads of each server (transformers: always 1)")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="converted checkpoints and server logs")
-    p.add_argument("--systems", type=comma_list(SYSTEMS), default=list(SYSTEMS))
+    p.add_argument("--systems", type=comma_list(SYSTEMS), default=None,
+                   help="default: all, baseline only with --baseline-dir")
     p.add_argument("--models", type=comma_list(MODELS), default=list(MODELS))
     p.add_argument("--workloads", type=comma_list(tuple(WORKLOADS)), default=list(WORKLOADS))
     p.add_argument("--runs", type=int, default=3)
@@ -876,6 +898,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--result-md", type=Path, default=None, help="also write the markdown tables here")
     args = p.parse_args(argv)
     args.sinkserve_dir = args.sinkserve_dir.resolve()
+    if args.systems is None:
+        args.systems = [s for s in SYSTEMS if s != "baseline" or args.baseline_dir is not None]
+    if "baseline" in args.systems and args.baseline_dir is None:
+        p.error("the baseline system needs --baseline-dir")
+    if args.baseline_dir is not None:
+        args.baseline_dir = args.baseline_dir.resolve()
     args.work_dir = args.work_dir.expanduser().resolve()
     args.runs_by_model = {model: int(n) for model, n in (item.split("=") for item in args.runs_for)}
     args.systems = [s for s in SYSTEMS if s in args.systems]  # fixed order within a run
