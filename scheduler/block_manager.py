@@ -161,7 +161,9 @@ class BlockManager:
         pool = self.pool
         num_missing = self.blocks_for(num_computed + num_new) - len(seq.table)
         first = num_computed // self.block_size  # the block the first new token goes into
-        copy_first = num_new > 0 and first < len(seq.table) and pool.ref_count(seq.table[first]) > 1
+        # That block if the table holds it already: copied first if shared, else written in place.
+        written = pool.blocks[seq.table[first]] if num_new > 0 and first < len(seq.table) else None
+        copy_first = written is not None and written.ref_count > 1
         if max(num_missing, 0) + copy_first > pool.num_free_blocks:
             return None
         copies = []
@@ -171,10 +173,10 @@ class BlockManager:
             pool.release_copy_source(src)
             seq.table[first] = dst
             copies.append((src, dst))
-        elif num_new > 0 and first < len(seq.table):
+        elif written is not None and written.hash is not None:
             # Written in place: a block cut back by `truncate` while it was shared stayed in the
             # prefix cache, expecting a copy; its sharer has let go since, so it leaves now.
-            pool.uncache(seq.table[first])
+            pool.uncache(written.block_id)
         for _ in range(num_missing):
             seq.table.append(pool.allocate())
         return copies

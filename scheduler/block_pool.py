@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 
 @dataclass
-class _Block:
+class KVBlock:
+    """One physical block's state (read-only outside the pool)."""
+
     block_id: int
     ref_count: int = 0
     hash: bytes | None = None  # set while the block is in the prefix cache
@@ -32,8 +34,8 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        # Read-only outside the pool (invariant checks in tests):
+        # Read-only outside the pool:
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]  # by block id
         self.free_ids: deque[int] = deque(range(num_blocks))  # never cached, or evicted from the cache
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.copy_sources: set[int] = set()  # released as copy sources this step
@@ -47,7 +49,7 @@ class BlockPool:
         return len(self.free_ids) + len(self.evictable)
 
     def ref_count(self, block_id: int) -> int:
-        return self._blocks[block_id].ref_count
+        return self.blocks[block_id].ref_count
 
     def count_prefix_query(self, num_tokens: int, num_hit: int) -> None:
         """Record one admitted lookup (failed admissions retry and are not counted)."""
@@ -58,10 +60,10 @@ class BlockPool:
         """A block held once: a free one, else the least recently used cached one (which leaves
         the cache). The caller has checked `num_free_blocks`."""
         if self.free_ids:
-            block = self._blocks[self.free_ids.popleft()]
+            block = self.blocks[self.free_ids.popleft()]
         else:
             block_id, _ = self.evictable.popitem(last=False)
-            block = self._blocks[block_id]
+            block = self.blocks[block_id]
             del self._cache[block.hash]
             block.hash = None
         block.ref_count = 1
@@ -69,27 +71,27 @@ class BlockPool:
 
     def take(self, block_id: int) -> None:
         """One more holder of an allocated or cached block."""
-        block = self._blocks[block_id]
+        block = self.blocks[block_id]
         if block.ref_count == 0:
             self.evictable.pop(block_id, None)  # (not there: a copy source of this step)
         block.ref_count += 1
 
     def release(self, block_id: int) -> None:
         """One holder less; a block nobody holds is free again (or stays hit-able if cached)."""
-        block = self._blocks[block_id]
+        block = self.blocks[block_id]
         block.ref_count -= 1
         if block.ref_count == 0 and block_id not in self.copy_sources:
             self._give_back(block_id)
 
     def release_copy_source(self, block_id: int) -> None:
         """One holder less of a block this step copies from: kept until `release_copy_sources`."""
-        self._blocks[block_id].ref_count -= 1
+        self.blocks[block_id].ref_count -= 1
         self.copy_sources.add(block_id)
 
     def release_copy_sources(self) -> None:
         """The last step has run its copies: sources nobody holds go back to the pool."""
         for block_id in self.copy_sources:
-            if self._blocks[block_id].ref_count == 0:
+            if self.blocks[block_id].ref_count == 0:
                 self._give_back(block_id)
         self.copy_sources.clear()
 
@@ -100,14 +102,14 @@ class BlockPool:
     def cache(self, block_id: int, digest: bytes) -> None:
         """Put a written block under its digest, unless the digest or the block is cached already
         (two sequences can compute the same block at once; the first one is cached)."""
-        block = self._blocks[block_id]
+        block = self.blocks[block_id]
         if digest not in self._cache and block.hash is None:
             self._cache[digest] = block_id
             block.hash = digest
 
     def uncache(self, block_id: int) -> None:
         """Take a held block out of the prefix cache (its slots will be rewritten)."""
-        block = self._blocks[block_id]
+        block = self.blocks[block_id]
         if block.hash is not None:
             del self._cache[block.hash]
             block.hash = None
@@ -116,16 +118,16 @@ class BlockPool:
         """Take the blocks cached under these digests that nobody holds out of the prefix cache."""
         for digest in hashes:
             block_id = self._cache.get(digest)
-            if block_id is not None and self._blocks[block_id].ref_count == 0:
+            if block_id is not None and self.blocks[block_id].ref_count == 0:
                 del self._cache[digest]
-                self._blocks[block_id].hash = None
+                self.blocks[block_id].hash = None
                 if block_id in self.evictable:  # else a copy source, freed after its step
                     del self.evictable[block_id]
                     self.free_ids.append(block_id)
 
     def _give_back(self, block_id: int) -> None:
         """An unreferenced block goes to the free list, or stays hit-able if it is cached."""
-        if self._blocks[block_id].hash is None:
+        if self.blocks[block_id].hash is None:
             self.free_ids.append(block_id)
         else:
             self.evictable[block_id] = None

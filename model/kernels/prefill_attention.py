@@ -70,7 +70,8 @@ def prefill_kernel(
             q, q_sink, m_i, l_i, acc, 0, sink_end, key_end, pos, table_row, sink_len, sink_gap, kv_head,
             offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_N, BLOCK_SIZE, HAS_GAPS, True, True, IEEE, UPCAST, KV_INT8, HEAD_DIM)
+            BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=True, CAUSAL=True, IEEE=IEEE, UPCAST=UPCAST,
+            KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
     else:
         sink_end = 0
     # Causal by cache position.
@@ -78,7 +79,8 @@ def prefill_kernel(
         q, q, m_i, l_i, acc, sink_end, key_end, key_end, pos, table_row, sink_len, sink_gap, kv_head,
         offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-        BLOCK_N, BLOCK_SIZE, HAS_GAPS, False, True, IEEE, UPCAST, KV_INT8, HEAD_DIM)
+        BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=False, CAUSAL=True, IEEE=IEEE, UPCAST=UPCAST,
+        KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
 
     out = acc / l_i[:, None]  # [R, D]
     out_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
