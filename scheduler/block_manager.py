@@ -1,12 +1,11 @@
-"""Physical KV blocks: a free list, reference counts, block tables and a prefix cache.
+"""Block tables of sequences over the block pool: prefix-cache hits, copy-on-write, detach/attach. Plain Python.
 
-Plain Python, no torch. A sequence's block table lists the physical blocks that hold its
-cache in order. A *full* block whose K/V has been written can enter the prefix cache under a
-hash that chains its parent block's hash with its own token ids, so a later sequence whose
-tokens start the same way takes those blocks by reference instead of recomputing them.
-Blocks nobody holds any more stay in the cache (and still hit) until the pool needs them,
-least recently used first. A block shared by several sequences is copied before one of them
-writes into it (copy-on-write); the caller performs the copies this returns.
+A sequence's block table lists the physical blocks (block_pool.py) that hold its cache in
+order. A *full* block whose K/V has been written can enter the prefix cache under a hash that
+chains its parent block's hash with its own token ids, so a later sequence whose tokens start
+the same way takes those blocks by reference instead of recomputing them. A block shared by
+several sequences is copied before one of them writes into it (copy-on-write); the caller
+performs the copies this returns.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from scheduler.block_pool import BlockPool
 
 
 def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -30,13 +31,6 @@ def salt_root(cache_salt: str | None) -> bytes | None:
     if cache_salt is None:
         return None
     return hashlib.sha256(b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
-
-
-@dataclass
-class _Block:
-    block_id: int
-    ref_count: int = 0
-    hash: bytes | None = None  # set while the block is in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -60,34 +54,48 @@ class _SeqBlocks:
 
 
 class BlockManager:
-    """Hands out blocks of `block_size` token slots from a pool of `num_blocks`."""
+    """Block tables of `block_size` token slots per sequence, over a pool of `num_blocks`."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
+        self.pool = BlockPool(num_blocks)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        self._free: deque[int] = deque(range(num_blocks))  # never cached, or evicted from the cache
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
-        self._cache: dict[bytes, int] = {}
         self._seqs: dict[str, _SeqBlocks] = {}
-        # Sources of this step's copy-on-write copies: not handed out again before the step
-        # has run the copies, even when nobody holds them any more, so that nothing written
-        # between scheduling and the copy (a session copied back from host memory) lands there.
-        self._copy_sources: set[int] = set()
-        self.prefix_cache_queries = 0  # prompt tokens looked up by admitted sequences
-        self.prefix_cache_hits = 0  # of which found in the cache
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free, or cached but unreferenced)."""
-        return len(self._free) + len(self._evictable)
+        return self.pool.num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
+        return self.num_blocks - self.pool.num_free_blocks
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up by admitted sequences."""
+        return self.pool.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens found in the prefix cache by admitted sequences."""
+        return self.pool.prefix_cache_hits
+
+    # The pool's free list, cached unreferenced blocks and this step's copy sources (invariant checks).
+    @property
+    def _free(self) -> deque[int]:
+        return self.pool.free_ids
+
+    @property
+    def _evictable(self) -> OrderedDict[int, None]:
+        return self.pool.evictable
+
+    @property
+    def _copy_sources(self) -> set[int]:
+        return self.pool.copy_sources
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -100,7 +108,20 @@ class BlockManager:
         return seq_id in self._seqs
 
     def ref_count(self, block_id: int) -> int:
-        return self._blocks[block_id].ref_count
+        return self.pool.ref_count(block_id)
+
+    def count_prefix_query(self, num_tokens: int, num_hit: int) -> None:
+        """Record one admitted lookup (failed admissions retry and are not counted)."""
+        self.pool.count_prefix_query(num_tokens, num_hit)
+
+    def release_copy_sources(self) -> None:
+        """The last step has run its copies: sources nobody holds go back to the pool (call
+        before scheduling)."""
+        self.pool.release_copy_sources()
+
+    def forget(self, hashes: list[bytes]) -> None:
+        """Take the blocks cached under these digests that nobody holds out of the prefix cache."""
+        self.pool.forget(hashes)
 
     def start(self, seq_id: str, token_ids: Sequence[int], max_hit_tokens: int | None = None,
               cache_salt: str | None = None) -> int:
@@ -116,23 +137,19 @@ class BlockManager:
         seq = self._seqs[seq_id] = _SeqBlocks(root=salt_root(cache_salt))
         if not self.enable_prefix_caching:
             return 0
+        pool = self.pool
         parent = seq.root
         limit = len(token_ids) - 1 if max_hit_tokens is None else min(len(token_ids) - 1, max_hit_tokens)
         for i in range(limit // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_id = self._cache.get(digest)
+            block_id = pool.cached_block(digest)
             if block_id is None:
                 break
-            self._take(block_id)
+            pool.take(block_id)
             seq.table.append(block_id)
             seq.hashes.append(digest)
             parent = digest
         return len(seq.table) * self.block_size
-
-    def count_prefix_query(self, num_tokens: int, num_hit: int) -> None:
-        """Record one admitted lookup (failed admissions retry and are not counted)."""
-        self.prefix_cache_queries += num_tokens
-        self.prefix_cache_hits += num_hit
 
     def allocate_slots(self, seq_id: str, num_computed: int, num_new: int) -> list[tuple[int, int]] | None:
         """Make room to write tokens [num_computed, num_computed + num_new) of the sequence.
@@ -141,36 +158,28 @@ class BlockManager:
         shared block), or None when the pool is short; then nothing has changed.
         """
         seq = self._seqs[seq_id]
+        pool = self.pool
         num_missing = self.blocks_for(num_computed + num_new) - len(seq.table)
         first = num_computed // self.block_size  # the block the first new token goes into
-        copy_first = num_new > 0 and first < len(seq.table) and self._blocks[seq.table[first]].ref_count > 1
-        if max(num_missing, 0) + copy_first > self.num_free_blocks:
+        # That block if the table holds it already: copied first if shared, else written in place.
+        written = pool.blocks[seq.table[first]] if num_new > 0 and first < len(seq.table) else None
+        copy_first = written is not None and written.ref_count > 1
+        if max(num_missing, 0) + copy_first > pool.num_free_blocks:
             return None
         copies = []
         if copy_first:
             src = seq.table[first]
-            dst = self._pop_free()
-            self._release(src, copy_source=True)
+            dst = pool.allocate()
+            pool.release_copy_source(src)
             seq.table[first] = dst
             copies.append((src, dst))
-        elif num_new > 0 and first < len(seq.table):
+        elif written is not None and written.hash is not None:
             # Written in place: a block cut back by `truncate` while it was shared stayed in the
             # prefix cache, expecting a copy; its sharer has let go since, so it leaves now.
-            block = self._blocks[seq.table[first]]
-            if block.hash is not None:
-                del self._cache[block.hash]
-                block.hash = None
+            pool.uncache(written.block_id)
         for _ in range(num_missing):
-            seq.table.append(self._pop_free())
+            seq.table.append(pool.allocate())
         return copies
-
-    def release_copy_sources(self) -> None:
-        """The last step has run its copies: sources nobody holds go back to the pool (call
-        before scheduling)."""
-        for block_id in self._copy_sources:
-            if self._blocks[block_id].ref_count == 0:
-                self._give_back(block_id)
-        self._copy_sources.clear()
 
     def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Offer the sequence's full blocks among its first num_computed tokens to the prefix cache.
@@ -183,11 +192,7 @@ class BlockManager:
         parent = seq.hashes[-1] if seq.hashes else seq.root
         for i in range(len(seq.hashes), num_computed // self.block_size):
             digest = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block = self._blocks[seq.table[i]]
-            # Two sequences can compute the same block at once; the first one is cached.
-            if digest not in self._cache and block.hash is None:
-                self._cache[digest] = block.block_id
-                block.hash = digest
+            self.pool.cache(seq.table[i], digest)
             seq.hashes.append(digest)
             parent = digest
 
@@ -195,7 +200,7 @@ class BlockManager:
         """Give child_id the parent's blocks by reference (n completions of one prompt)."""
         parent = self._seqs[parent_id]
         for block_id in parent.table:
-            self._take(block_id)
+            self.pool.take(block_id)
         self._seqs[child_id] = _SeqBlocks(list(parent.table), list(parent.hashes), parent.frozen, parent.root)
 
     def rename(self, seq_id: str, new_id: str) -> None:
@@ -213,13 +218,10 @@ class BlockManager:
         seq = self._seqs[seq_id]
         num_blocks = self.blocks_for(num_slots)
         while len(seq.table) > num_blocks:
-            self._release(seq.table.pop())
+            self.pool.release(seq.table.pop())
         del seq.hashes[num_slots // self.block_size:]
-        if num_slots % self.block_size:
-            block = self._blocks[seq.table[-1]]
-            if block.hash is not None and block.ref_count == 1:
-                del self._cache[block.hash]
-                block.hash = None
+        if num_slots % self.block_size and self.pool.ref_count(seq.table[-1]) == 1:
+            self.pool.uncache(seq.table[-1])
 
     def stop_caching(self, seq_id: str) -> None:
         """The sequence's later blocks never enter the prefix cache (its cache was edited)."""
@@ -230,22 +232,21 @@ class BlockManager:
         when nobody else holds it."""
         seq = self._seqs[seq_id]
         seq.frozen = True
-        self._release(seq.table.pop(index))
+        self.pool.release(seq.table.pop(index))
 
     def free(self, seq_id: str, forget: bool = False) -> None:
         """Drop the sequence's references; unreferenced cached blocks stay hit-able, unless
         `forget`: then the blocks nobody else holds leave the prefix cache too (an ended
         session's history can no longer be found by anyone)."""
         seq = self._seqs.pop(seq_id)
+        pool = self.pool
         # Tail first, so a prompt's later blocks are evicted before its shared beginning.
         for block_id in reversed(seq.table):
-            block = self._blocks[block_id]
-            if forget and block.ref_count == 1 and block.hash is not None:
-                del self._cache[block.hash]
-                block.hash = None
-            self._release(block_id)
+            if forget and pool.ref_count(block_id) == 1:
+                pool.uncache(block_id)
+            pool.release(block_id)
         if forget:  # a table restored from host memory: its history is cached in other blocks
-            self.forget(seq.hashes)
+            pool.forget(seq.hashes)
 
     def detach(self, seq_id: str) -> DetachedSeq:
         """Give the sequence's blocks back and keep only its table's layout, for `attach` to
@@ -262,51 +263,8 @@ class BlockManager:
         in the prefix cache; the sequence's later full blocks may enter it, as before."""
         if seq_id in self._seqs:
             raise KeyError(f"sequence {seq_id!r} already has blocks")
-        if detached.num_blocks > self.num_free_blocks:
+        if detached.num_blocks > self.pool.num_free_blocks:
             return None
-        table = [self._pop_free() for _ in range(detached.num_blocks)]
+        table = [self.pool.allocate() for _ in range(detached.num_blocks)]
         self._seqs[seq_id] = _SeqBlocks(table, list(detached.hashes), detached.frozen, detached.root)
         return table
-
-    def forget(self, hashes: list[bytes]) -> None:
-        """Take the blocks cached under these digests that nobody holds out of the prefix cache."""
-        for digest in hashes:
-            block_id = self._cache.get(digest)
-            if block_id is not None and self._blocks[block_id].ref_count == 0:
-                del self._cache[digest]
-                self._blocks[block_id].hash = None
-                if block_id in self._evictable:  # else a copy source, freed after its step
-                    del self._evictable[block_id]
-                    self._free.append(block_id)
-
-    def _take(self, block_id: int) -> None:
-        block = self._blocks[block_id]
-        if block.ref_count == 0:
-            self._evictable.pop(block_id, None)  # (not there: a copy source of this step)
-        block.ref_count += 1
-
-    def _release(self, block_id: int, copy_source: bool = False) -> None:
-        block = self._blocks[block_id]
-        block.ref_count -= 1
-        if copy_source:
-            self._copy_sources.add(block_id)
-        if block.ref_count == 0 and block_id not in self._copy_sources:
-            self._give_back(block_id)
-
-    def _give_back(self, block_id: int) -> None:
-        """An unreferenced block goes to the free list, or stays hit-able if it is cached."""
-        if self._blocks[block_id].hash is None:
-            self._free.append(block_id)
-        else:
-            self._evictable[block_id] = None
-
-    def _pop_free(self) -> int:
-        if self._free:
-            block = self._blocks[self._free.popleft()]
-        else:
-            block_id, _ = self._evictable.popitem(last=False)
-            block = self._blocks[block_id]
-            del self._cache[block.hash]
-            block.hash = None
-        block.ref_count = 1
-        return block.block_id

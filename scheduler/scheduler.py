@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.sessions import SessionStore
+from scheduler.sink_window import SinkWindow
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.num_evictions = 0  # sink evictions (a block, or a sink block's tail, each)
+        self.sink_window = SinkWindow(block_manager)
+
+    @property
+    def num_evictions(self) -> int:
+        """Sink evictions so far (sink_window.py)."""
+        return self.sink_window.num_evictions
 
     @property
     def num_unfinished(self) -> int:
@@ -105,7 +111,7 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
+            num_new = self.sink_window.fit(request, min(request.num_uncomputed_tokens, budget))
             copies = self._allocate_or_preempt(request, num_new, batch)
             if copies is not None:
                 self._add(batch, request, num_new, copies)
@@ -141,7 +147,7 @@ class Scheduler:
             request.num_computed_tokens = bm.start(request.request_id, request.token_ids, max_hit,
                                                    request.cache_salt)
         num_hit = request.num_computed_tokens
-        num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
+        num_new = self.sink_window.fit(request, min(request.num_uncomputed_tokens, budget))
         while (copies := bm.allocate_slots(request.request_id, request.num_cache_slots, num_new)) is None:
             if not self.sessions.release_idle():
                 bm.free(request.request_id)  # an adopted session is lost: rebuilt from the prompt
@@ -154,29 +160,6 @@ class Scheduler:
         if request.num_preemptions == 0:
             request.num_cached_prompt_tokens = num_hit
         return num_new, copies
-
-    def _fit_window(self, request: Request, num_new: int) -> int:
-        """Under a sink policy: evict if the cache is full, and stop the chunk at the capacity,
-        so that every eviction falls between chunks where token-by-token processing makes it."""
-        policy = request.sink_policy
-        if policy is None:
-            return num_new
-        if request.num_kept_tokens == policy.capacity:
-            self._evict(request)
-        return min(num_new, policy.capacity - request.num_kept_tokens)
-
-    def _evict(self, request: Request) -> None:
-        """Drop the oldest non-sink tokens of a full cache (sink_policy.py)."""
-        policy = request.sink_policy
-        if policy.sink_gap and not request.sink_gap:
-            # The last sink block's non-sink tail goes; the block stays for its sinks.
-            request.sink_gap = policy.sink_gap
-            request.num_evicted_tokens += policy.sink_gap
-            self.block_manager.stop_caching(request.request_id)
-        else:
-            self.block_manager.drop_block(request.request_id, policy.num_sink_blocks)
-            request.num_evicted_tokens += policy.block_size
-        self.num_evictions += 1
 
     def _num_seats(self) -> int:
         """Running sequences, counting the completions that parents not yet forked will add."""
@@ -243,7 +226,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
         else:
-            num_new = self._fit_window(request, min(request.num_uncomputed_tokens, budget))
+            num_new = self.sink_window.fit(request, min(request.num_uncomputed_tokens, budget))
             copies = self.block_manager.allocate_slots(request.request_id, request.num_cache_slots, num_new)
             if copies is None:
                 return batch

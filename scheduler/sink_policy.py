@@ -14,7 +14,8 @@ So the window holds between `window - block_size + 1` and `window` recent tokens
 positions in the cache: the kept tokens are 0..kept-1 and the next one is `kept`. Keys are
 stored rotated at their absolute positions and the sinks are scored by a query rotated at its
 cache position (model/layers/attention.py), so none of this rewrites a block. Prefill chunks stop at the capacity, so
-evictions fall between chunks exactly where token-by-token processing would make them.
+evictions fall between chunks exactly where token-by-token processing would make them (sink_window.py
+makes both decisions each step).
 """
 
 from __future__ import annotations

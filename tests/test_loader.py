@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from model.checkpoints.config import ConfigError, ModelConfig
 from model.checkpoints.loader import CheckpointError, load_model
 from model.checkpoints.model_path import ModelPathError
+from model.layers.rotary import rope_inv_freq
 from tests.conftest import PagedDriver, max_relative_error, save_hf_checkpoint
 
 
@@ -148,3 +149,16 @@ def test_generation_config_stop_ids(tmp_path):
     assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == (2, 1)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == (7,)
+
+
+def test_rope_frequencies_stay_float32_in_a_bfloat16_model_and_are_checked(tmp_path):
+    save_hf_checkpoint(tmp_path, seed=4)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    rotary = model.model.rotary
+    assert rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(model.config.rope, model.config.head_dim))
+    halved = rotary.inv_freq.double() / 2
+    model.set_rope_frequencies(halved)
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, halved.float())
+    with pytest.raises(ValueError, match="inverse frequencies"):
+        model.set_rope_frequencies(torch.ones(model.config.head_dim))

@@ -54,7 +54,7 @@ def load_model(
         model = LlamaForCausalLM(config, quantization)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
-    model.model.rotary.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
+    model.set_rope_frequencies(rope_inv_freq(config.rope, config.head_dim))  # to_empty left the buffer unset
     with torch.no_grad():
         if load_format == "dummy":
             _fill_dummy(model, seed)
@@ -160,12 +160,13 @@ def _load_gguf(model: LlamaForCausalLM, gguf_file: Path) -> None:
     from model.checkpoints.gguf_checkpoint import INV_FREQ, gguf_tensors, open_gguf, release_gguf
 
     params = model.checkpoint_tensors()
-    # A file with rope_freqs.weight also sets the rotary buffer (Llama 3.1-style frequencies).
-    targets = {**params, INV_FREQ: model.model.rotary.inv_freq}
     loaded: set[str] = set()
     keep_codes = model.quantization.quantized
     for name, tensor in gguf_tensors(open_gguf(gguf_file), model.config, keep_codes):
-        target = _checked_target(targets, model.config, gguf_file.name, name, tensor, "the GGUF metadata")
+        if name == INV_FREQ:  # a file with rope_freqs.weight (Llama 3.1-style frequencies); shape checked there
+            model.set_rope_frequencies(tensor)
+            continue
+        target = _checked_target(params, model.config, gguf_file.name, name, tensor, "the GGUF metadata")
         if isinstance(target, PartTarget):
             target.layer.load_part(target.index, tensor)
             _finish_when_loaded(model, target)

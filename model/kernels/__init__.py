@@ -9,6 +9,7 @@ still works. On a CPU, set TRITON_INTERPRET=1 before triton is first imported to
 kernels in Triton's interpreter (slow; for tests).
 """
 
-from model.kernels.paged_attention import paged_attention_triton, write_kv_triton
+from model.kernels.paged_attention import paged_attention_triton
+from model.kernels.write_kv import write_kv_triton
 
 __all__ = ["paged_attention_triton", "write_kv_triton"]

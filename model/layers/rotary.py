@@ -40,6 +40,14 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
+    def set_inv_freq(self, inv_freq: torch.Tensor) -> None:
+        """Rotate by these inverse frequencies [head_dim // 2] from now on, kept in float32 on the
+        module's device whatever the model's dtype (a checkpoint's own frequencies, or the
+        config's again once a model built on the meta device has memory)."""
+        if tuple(inv_freq.shape) != (self.head_dim // 2,):
+            raise ValueError(f"inverse frequencies of shape {tuple(inv_freq.shape)}, expected ({self.head_dim // 2},)")
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [*positions.shape, head_dim // 2] for integer positions of any shape.
 

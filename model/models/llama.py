@@ -184,6 +184,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def set_rope_frequencies(self, inv_freq: torch.Tensor) -> None:
+        """Rotate queries and keys by these inverse frequencies [head_dim // 2] (rotary.py)."""
+        self.model.rotary.set_inv_freq(inv_freq)
+
     def quant_layers(self) -> list[QuantLinear]:
         return [module for module in self.modules() if isinstance(module, QuantLinear)]
 
