@@ -168,14 +168,6 @@ class OutputProcessor:
             return FinishReason.LENGTH, None
         return None, None
 
-    def banned_token_ids(self, request: Request) -> list[int]:
-        """Tokens that must not be sampled yet: stop tokens before min_tokens outputs."""
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
-            return []
-        eos = () if params.ignore_eos else self.eos_token_ids
-        return sorted(set(params.stop_token_ids) | set(eos))
-
     def final_output(self, request: Request) -> RequestOutput:
         """The closing output of a request finished from outside (abort, or an error)."""
         state = self._states.get(request.request_id)

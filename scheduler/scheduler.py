@@ -8,17 +8,18 @@ it goes back to the front of the waiting queue, to be recomputed (prompt and out
 when there is room. The oldest request is preempted last, so it always progresses.
 
 After a failed step the engine requeues the step's requests the same way and runs each one
-alone (`schedule_alone`) to find the one that fails (engine.py, fault isolation).
+alone (`schedule_alone`) to find the one that fails (fault_isolation.py).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
-from scheduler.sessions import SessionStore
+from scheduler.scheduler_output import SchedulerOutput, build_model_input
+from scheduler.sessions import HostTier, SessionStore
 
 
 @dataclass(frozen=True)
@@ -32,37 +33,17 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
 
 
-@dataclass
-class ScheduledBatch:
-    """One step's work. `requests[i]` computes `num_new_tokens[i]` tokens from its
-    `num_computed_tokens`; decodes come first. `samplers` are the requests that sample a token
-    after this step, each with the batch row whose last token's logits it samples from (forked
-    completions share their parent's row)."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    samplers: list[tuple[Request, int]] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    forked: list[Request] = field(default_factory=list)  # completions created this step (n > 1)
-    scheduled: set[Request] = field(default_factory=set)  # the requests and samplers above, never preempted
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, session_ttl: float = 600.0):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, session_ttl: float = 600.0,
+                 host: HostTier | None = None):
         self.config = config
         self.block_manager = block_manager
-        self.sessions = SessionStore(block_manager, session_ttl)
+        self.sessions = SessionStore(block_manager, session_ttl, host)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_evictions = 0  # sink evictions (a block, or a sink block's tail, each)
+        self._finished_request_ids: list[str] = []  # ended since the last step, for the executor to forget
 
     @property
     def num_unfinished(self) -> int:
@@ -90,10 +71,11 @@ class Scheduler:
                 self.sessions.release(request)
         if not request.is_finished:
             request.finish(reason, stop_reason)
+        self._finished_request_ids.append(request.request_id)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
         self.block_manager.release_copy_sources()
-        batch = ScheduledBatch()
+        batch = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         preemptions_before = self.num_preemptions
         # Running decodes first, then running prefill chunks, each in arrival order. Completions
@@ -125,7 +107,7 @@ class Scheduler:
             self.running.append(request)
             self._add(batch, request, num_new, copies)
             budget -= num_new
-        return batch
+        return self._complete(batch)
 
     def _admit(self, request: Request, budget: int) -> tuple[int, list[tuple[int, int]]] | None:
         """Give a waiting request its blocks: its session's cache, or prefix-cache hits plus new
@@ -184,7 +166,7 @@ class Scheduler:
         return len(self.running) + pending
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
-                             batch: ScheduledBatch) -> list[tuple[int, int]] | None:
+                             batch: SchedulerOutput) -> list[tuple[int, int]] | None:
         """Blocks for the request's next tokens, preempting the newest running requests for them.
 
         Requests already in this step's batch are never preempted. Returns None when the
@@ -225,12 +207,13 @@ class Scheduler:
         parent = next(r for r in self.running + list(self.waiting) if r.request_id == child.parent_id)
         parent.forked = False
         child.status = RequestStatus.FINISHED
+        self._finished_request_ids.append(child.request_id)
 
-    def schedule_alone(self, request: Request) -> ScheduledBatch:
+    def schedule_alone(self, request: Request) -> SchedulerOutput:
         """A step of this one request and nothing else (waiting: admitted first). Empty when
         the pool or the sequence cap has no room for it now."""
         self.block_manager.release_copy_sources()
-        batch = ScheduledBatch()
+        batch = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if request.status is RequestStatus.WAITING:
             if self._num_seats() + request.params.n > self.config.max_num_seqs:
@@ -248,9 +231,16 @@ class Scheduler:
             if copies is None:
                 return batch
         self._add(batch, request, num_new, copies)
+        return self._complete(batch)
+
+    def _complete(self, batch: SchedulerOutput) -> SchedulerOutput:
+        """Write a non-empty step out as the executor's plain data."""
+        if batch.requests:
+            batch.model_input = build_model_input(batch, self.block_manager.block_table, self._finished_request_ids)
+            self._finished_request_ids = []
         return batch
 
-    def _add(self, batch: ScheduledBatch, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
+    def _add(self, batch: SchedulerOutput, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
         row = len(batch.requests)
         batch.requests.append(request)
         batch.num_new_tokens.append(num_new)
@@ -290,7 +280,7 @@ class Scheduler:
             children.append(child)
         return children
 
-    def update(self, batch: ScheduledBatch) -> None:
+    def update(self, batch: SchedulerOutput) -> None:
         """Record that the batch's tokens are computed and their full blocks may be shared."""
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             if request.is_finished:
