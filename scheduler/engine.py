@@ -20,8 +20,6 @@ import torch
 from model.checkpoints.loader import model_config
 from model.checkpoints.model_path import resolve_model_path
 from model.execution.model_input import GrammarBitmask, ModelOutput
-from model.execution.runner import ModelRunner
-from model.models.llama import LlamaForCausalLM
 from model.sampling_params import SamplingParams
 from model.tokenizers.tokenizer import check_vocab_size
 from model.tokenizers.tokenizer_loader import load_tokenizer
@@ -29,7 +27,7 @@ from scheduler.block_manager import BlockManager
 from scheduler.deadlines import Deadlines
 from scheduler.engine_config import EngineConfig
 from scheduler.engine_request import EngineRequest
-from scheduler.engine_stats import EngineStats
+from scheduler.engine_stats import EngineStats, collect_stats
 from scheduler.executor import InProcessExecutor
 from scheduler.fault_isolation import FaultIsolation
 from scheduler.input_processor import (InputLimits, InputProcessor, PromptTooLongError,  # noqa: F401 (re-exported)
@@ -81,6 +79,9 @@ class Engine:
                                                                                if i is not None)))
         self.executor = executor = InProcessExecutor(config, self.model_path, model_cfg, self.max_model_len,
                                                      self.stop_token_ids, stages)
+        # The in-process model side, for tests and benchmarks.
+        self.runner, self.model = executor.runner, executor.model
+        self.device, self.dtype, self.attention_backend = executor.device, executor.dtype, executor.attention_backend
         self.input_processor = InputProcessor(self.tokenizer, InputLimits(
             model_cfg.vocab_size, self.max_model_len, config.max_num_seqs, executor.num_blocks, config.block_size,
             config.attention_sinks, config.attention_window))
@@ -102,28 +103,6 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
-
-    # The in-process model side, for tests and benchmarks.
-
-    @property
-    def runner(self) -> ModelRunner:
-        return self.executor.runner
-
-    @property
-    def model(self) -> LlamaForCausalLM:
-        return self.executor.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.executor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.executor.dtype
-
-    @property
-    def attention_backend(self) -> str:
-        return self.executor.attention_backend
 
     # -- the API the server drives ------------------------------------------------------------
 
@@ -203,21 +182,8 @@ class Engine:
         return self.executor.served_as()
 
     def stats(self) -> EngineStats:
-        scheduler, blocks, sessions = self.scheduler, self.block_manager, self.scheduler.sessions
-        grammars = self.structured_output
-        return EngineStats(
-            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            num_kv_blocks_used=blocks.num_used_blocks, num_kv_blocks_total=blocks.num_blocks,
-            prefix_cache_queries=blocks.prefix_cache_queries, prefix_cache_hits=blocks.prefix_cache_hits,
-            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
-            num_preemptions=scheduler.num_preemptions, num_sink_evictions=scheduler.num_evictions,
-            num_sessions=len(sessions), num_session_reused_tokens=sessions.num_reused_tokens,
-            num_sessions_in_host=sessions.num_swapped, num_session_host_blocks_used=sessions.num_host_blocks_used,
-            num_session_host_blocks_total=sessions.num_host_blocks,
-            num_sessions_swapped_out=sessions.num_swapped_out, num_sessions_swapped_in=sessions.num_swapped_in,
-            num_grammars_compiled=grammars.num_compiled, num_grammars_cached=len(grammars.cache),
-            grammar_cache_bytes=grammars.cache.num_bytes, num_grammar_errors=grammars.num_grammar_errors,
-            num_grammar_timeouts=grammars.num_mask_timeouts)
+        return collect_stats(self.scheduler, self.structured_output, self.num_prompt_tokens,
+                             self.num_generation_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self.fault_isolation.pending_failures)
@@ -284,10 +250,7 @@ class Engine:
             request = scheduled.requests[target.seq_index]
             position = request.num_computed_tokens - scheduled.num_new_tokens[target.seq_index] + 1
             try:
-                self.output_processor.add_prompt_logprobs(request, position, [
-                    TokenLogprob(t, lp, rank, list(zip(ids, lps)))
-                    for t, lp, rank, ids, lps in zip(logprobs.token_ids, logprobs.logprobs, logprobs.ranks,
-                                                     logprobs.top_token_ids, logprobs.top_logprobs)])
+                self.output_processor.add_prompt_logprobs(request, position, logprobs)
             except Exception:
                 outputs += self._fail(request.group_id)
         return outputs + self._process_samples(scheduled, output, overran)

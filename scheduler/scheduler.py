@@ -14,7 +14,7 @@ alone (`schedule_alone`) to find the one that fails (fault_isolation.py).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
@@ -249,35 +249,18 @@ class Scheduler:
         if num_new == request.num_uncomputed_tokens:
             batch.samplers.append((request, row))
             if request.params.n > 1 and not request.forked:
-                for child in self._fork(request, num_computed=request.num_tokens):
+                for child in self._fork(request):
                     batch.samplers.append((child, row))
                     batch.forked.append(child)
                     batch.scheduled.add(child)
 
-    def _fork(self, parent: Request, num_computed: int) -> list[Request]:
+    def _fork(self, parent: Request) -> list[Request]:
         """The parent's n-1 sibling completions, sharing its prompt blocks from this step on."""
         parent.forked = True
-        children = []
-        for index in range(1, parent.params.n):
-            child = Request(
-                request_id=f"{parent.request_id}-{index}",
-                prompt_token_ids=parent.prompt_token_ids,
-                params=replace(parent.params, n=1),
-                arrival_time=parent.arrival_time,
-                sink_policy=parent.sink_policy,
-                cache_salt=parent.cache_salt,
-                tenant=parent.tenant,
-                index=index,
-                parent_id=parent.request_id,
-            )
-            child.num_computed_tokens = num_computed
-            child.num_evicted_tokens = parent.num_evicted_tokens
-            child.sink_gap = parent.sink_gap
-            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
-            child.status = RequestStatus.RUNNING
+        children = [parent.fork(index) for index in range(1, parent.params.n)]
+        for child in children:
             self.block_manager.fork(parent.request_id, child.request_id)
             self.running.append(child)
-            children.append(child)
         return children
 
     def update(self, batch: SchedulerOutput) -> None:

@@ -71,19 +71,11 @@ class GrammarBitmask:
 
 
 @dataclass
-class PromptLogprobs:
+class TokenLogprobs:
+    """Per position, of its token: logprob, 1-based rank, and the K most likely tokens' ids and
+    logprobs, most likely first (for sampled tokens K is the largest `params.logprobs` of the step)."""
+
     token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
-    top_token_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-
-@dataclass
-class SampledLogprobs:
-    """Per sampling row, of its sampled token: logprob, 1-based rank, and the K most likely
-    tokens' ids and logprobs (K: the largest `params.logprobs` of the step)."""
-
     logprobs: list[float]
     ranks: list[int]
     top_token_ids: list[list[int]]
@@ -93,5 +85,5 @@ class SampledLogprobs:
 @dataclass
 class ModelOutput:
     sampled_token_ids: list[int]  # per sampling row; empty when no row samples
-    logprobs: SampledLogprobs | None  # when any row asked for them
-    prompt_logprobs: list[PromptLogprobs]  # in the order of ModelInput.prompt_logprobs
+    logprobs: TokenLogprobs | None  # of the sampled tokens, when any row asked for them
+    prompt_logprobs: list[TokenLogprobs]  # in the order of ModelInput.prompt_logprobs

@@ -10,7 +10,7 @@ import torch
 
 from model.execution.cuda_graphs import DecodeGraphs
 from model.execution.model_input import (GrammarBitmask, ModelInput, ModelOutput, PromptLogprobRequest,
-                                         PromptLogprobs, SampledLogprobs, SamplingInput)
+                                         SamplingInput, TokenLogprobs)
 from model.execution.sampler import Sampler, SamplingRow, compute_logprobs
 from model.layers.attention import AttentionMetadata
 from model.models.llama import LlamaForCausalLM
@@ -25,7 +25,7 @@ class _ExecutedStep:
 
     logits: torch.Tensor | None  # [N, vocab], stop tokens of rows under min_tokens at -inf
     rows: list[SamplingRow]
-    prompt_logprobs: list[PromptLogprobs]
+    prompt_logprobs: list[TokenLogprobs]
 
 
 class ModelRunner:
@@ -105,10 +105,11 @@ class ModelRunner:
             return ModelOutput([], None, executed.prompt_logprobs)
         sampled = self.sampler(executed.logits, executed.rows, grammar)
         logprobs = None
+        token_ids = sampled.token_ids.tolist()
         if sampled.logprobs is not None:
-            logprobs = SampledLogprobs(sampled.logprobs.tolist(), sampled.ranks.tolist(),
-                                       sampled.top_token_ids.tolist(), sampled.top_logprobs.tolist())
-        return ModelOutput(sampled.token_ids.tolist(), logprobs, executed.prompt_logprobs)
+            logprobs = TokenLogprobs(token_ids, sampled.logprobs.tolist(), sampled.ranks.tolist(),
+                                     sampled.top_token_ids.tolist(), sampled.top_logprobs.tolist())
+        return ModelOutput(token_ids, logprobs, executed.prompt_logprobs)
 
     def probe(self, token_id: int) -> None:
         """Run a 2-token prefill of `token_id`, then a 1-token decode, on the scratch blocks: the
@@ -139,13 +140,13 @@ class ModelRunner:
         return sorted(set(params.stop_token_ids) | set(eos))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, meta: AttentionMetadata,
-                         req: PromptLogprobRequest) -> PromptLogprobs:
+                         req: PromptLogprobRequest) -> TokenLogprobs:
         start = int(meta.query_start_loc[req.seq_index])
         num = len(req.target_token_ids)
         logits = self.model.compute_logits(hidden[start:start + num])  # [num, vocab]
         targets = torch.tensor(req.target_token_ids, device=self.device)
         logprobs, ranks, top_ids, top_lps = compute_logprobs(logits, targets, req.num_top)
-        return PromptLogprobs(req.target_token_ids, logprobs.tolist(), ranks.tolist(),
+        return TokenLogprobs(req.target_token_ids, logprobs.tolist(), ranks.tolist(),
                               top_ids.tolist(), top_lps.tolist())
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
