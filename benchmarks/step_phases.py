@@ -60,8 +60,7 @@ def main() -> None:
     engine.step()  # first decode
 
     phases: dict[str, float] = collections.defaultdict(float)
-    engine._schedule = timed(phases, "schedule", engine._schedule)
-    engine._model_input = timed(phases, "model input", engine._model_input)
+    engine.fault_isolation.schedule = timed(phases, "schedule (and model input)", engine.fault_isolation.schedule)
     engine.runner.model.forward = timed(phases, "forward", engine.runner.model.forward)
     engine.runner.model.compute_logits = timed(phases, "logits", engine.runner.model.compute_logits)
     engine.runner.sampler = timed(phases, "sampler", engine.runner.sampler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from model.execution.model_input import TokenLogprobs
 from scheduler.request import FinishReason, GrammarOutcome, Request
 from scheduler.stop_strings import StopStringMatcher, automaton_for
 
@@ -75,9 +76,12 @@ class OutputProcessor:
     def remove(self, request: Request) -> None:
         self._states.pop(request.request_id, None)
 
-    def add_prompt_logprobs(self, request: Request, position: int, entries: list[TokenLogprob]) -> None:
+    def add_prompt_logprobs(self, request: Request, position: int, computed: TokenLogprobs) -> None:
         """Logprobs of prompt tokens `position`, `position + 1`, ...; a chunk computed again
         (after a preemption) replaces what it had given."""
+        entries = [TokenLogprob(t, lp, rank, list(zip(ids, lps)))
+                   for t, lp, rank, ids, lps in zip(computed.token_ids, computed.logprobs, computed.ranks,
+                                                    computed.top_token_ids, computed.top_logprobs)]
         logprobs = self._states[request.request_id].prompt_logprobs
         if not logprobs:
             logprobs.append(None)  # the first prompt token has no prediction
@@ -167,14 +171,6 @@ class OutputProcessor:
         if request.sink_policy is None and request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
-
-    def banned_token_ids(self, request: Request) -> list[int]:
-        """Tokens that must not be sampled yet: stop tokens before min_tokens outputs."""
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
-            return []
-        eos = () if params.ignore_eos else self.eos_token_ids
-        return sorted(set(params.stop_token_ids) | set(eos))
 
     def final_output(self, request: Request) -> RequestOutput:
         """The closing output of a request finished from outside (abort, or an error)."""

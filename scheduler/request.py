@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model.sampling_params import SamplingParams
 from scheduler.sink_policy import SinkPolicy
@@ -59,7 +59,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
-    num_faults: int = 0  # failed steps it was part of (engine.py, fault isolation)
+    num_faults: int = 0  # failed steps it was part of (fault_isolation.py)
     forked: bool = False  # its n - 1 sibling completions exist (n > 1 only)
     num_evicted_tokens: int = 0  # computed tokens dropped from the cache (sink policy)
     sink_gap: int = 0  # slots skipped after the sinks once their block's tail is evicted
@@ -101,6 +101,20 @@ class Request:
     def num_cache_slots(self) -> int:
         """Block-table slots in use: the kept tokens plus the sink gap once it applies."""
         return self.num_kept_tokens + self.sink_gap
+
+    def fork(self, index: int) -> Request:
+        """Sibling completion `index` (1..n-1), made in the step that computes this one's last
+        prompt token: it starts with every token computed and this one's cache layout."""
+        child = Request(request_id=f"{self.request_id}-{index}", prompt_token_ids=self.prompt_token_ids,
+                        params=replace(self.params, n=1), arrival_time=self.arrival_time,
+                        sink_policy=self.sink_policy, cache_salt=self.cache_salt, tenant=self.tenant, index=index,
+                        parent_id=self.request_id)
+        child.num_computed_tokens = self.num_tokens
+        child.num_evicted_tokens = self.num_evicted_tokens
+        child.sink_gap = self.sink_gap
+        child.num_cached_prompt_tokens = self.num_cached_prompt_tokens
+        child.status = RequestStatus.RUNNING
+        return child
 
     def reset_cache_state(self) -> None:
         """Forget the cache (preemption): everything is recomputed from the first token."""

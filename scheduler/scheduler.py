@@ -8,17 +8,18 @@ it goes back to the front of the waiting queue, to be recomputed (prompt and out
 when there is room. The oldest request is preempted last, so it always progresses.
 
 After a failed step the engine requeues the step's requests the same way and runs each one
-alone (`schedule_alone`) to find the one that fails (engine.py, fault isolation).
+alone (`schedule_alone`) to find the one that fails (fault_isolation.py).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
-from scheduler.sessions import SessionStore
+from scheduler.scheduler_output import SchedulerOutput, build_model_input
+from scheduler.sessions import HostTier, SessionStore
 from scheduler.sink_window import SinkWindow
 
 
@@ -33,37 +34,17 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
 
 
-@dataclass
-class ScheduledBatch:
-    """One step's work. `requests[i]` computes `num_new_tokens[i]` tokens from its
-    `num_computed_tokens`; decodes come first. `samplers` are the requests that sample a token
-    after this step, each with the batch row whose last token's logits it samples from (forked
-    completions share their parent's row)."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    samplers: list[tuple[Request, int]] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    forked: list[Request] = field(default_factory=list)  # completions created this step (n > 1)
-    scheduled: set[Request] = field(default_factory=set)  # the requests and samplers above, never preempted
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, session_ttl: float = 600.0):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, session_ttl: float = 600.0,
+                 host: HostTier | None = None):
         self.config = config
         self.block_manager = block_manager
-        self.sessions = SessionStore(block_manager, session_ttl)
+        self.sessions = SessionStore(block_manager, session_ttl, host)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.sink_window = SinkWindow(block_manager)
+        self._finished_request_ids: list[str] = []  # ended since the last step, for the executor to forget
 
     @property
     def num_evictions(self) -> int:
@@ -96,10 +77,11 @@ class Scheduler:
                 self.sessions.release(request)
         if not request.is_finished:
             request.finish(reason, stop_reason)
+        self._finished_request_ids.append(request.request_id)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
         self.block_manager.release_copy_sources()
-        batch = ScheduledBatch()
+        batch = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         preemptions_before = self.num_preemptions
         # Running decodes first, then running prefill chunks, each in arrival order. Completions
@@ -131,7 +113,7 @@ class Scheduler:
             self.running.append(request)
             self._add(batch, request, num_new, copies)
             budget -= num_new
-        return batch
+        return self._complete(batch)
 
     def _admit(self, request: Request, budget: int) -> tuple[int, list[tuple[int, int]]] | None:
         """Give a waiting request its blocks: its session's cache, or prefix-cache hits plus new
@@ -167,7 +149,7 @@ class Scheduler:
         return len(self.running) + pending
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
-                             batch: ScheduledBatch) -> list[tuple[int, int]] | None:
+                             batch: SchedulerOutput) -> list[tuple[int, int]] | None:
         """Blocks for the request's next tokens, preempting the newest running requests for them.
 
         Requests already in this step's batch are never preempted. Returns None when the
@@ -208,12 +190,13 @@ class Scheduler:
         parent = next(r for r in self.running + list(self.waiting) if r.request_id == child.parent_id)
         parent.forked = False
         child.status = RequestStatus.FINISHED
+        self._finished_request_ids.append(child.request_id)
 
-    def schedule_alone(self, request: Request) -> ScheduledBatch:
+    def schedule_alone(self, request: Request) -> SchedulerOutput:
         """A step of this one request and nothing else (waiting: admitted first). Empty when
         the pool or the sequence cap has no room for it now."""
         self.block_manager.release_copy_sources()
-        batch = ScheduledBatch()
+        batch = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if request.status is RequestStatus.WAITING:
             if self._num_seats() + request.params.n > self.config.max_num_seqs:
@@ -231,9 +214,16 @@ class Scheduler:
             if copies is None:
                 return batch
         self._add(batch, request, num_new, copies)
+        return self._complete(batch)
+
+    def _complete(self, batch: SchedulerOutput) -> SchedulerOutput:
+        """Write a non-empty step out as the executor's plain data."""
+        if batch.requests:
+            batch.model_input = build_model_input(batch, self.block_manager.block_table, self._finished_request_ids)
+            self._finished_request_ids = []
         return batch
 
-    def _add(self, batch: ScheduledBatch, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
+    def _add(self, batch: SchedulerOutput, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
         row = len(batch.requests)
         batch.requests.append(request)
         batch.num_new_tokens.append(num_new)
@@ -242,38 +232,21 @@ class Scheduler:
         if num_new == request.num_uncomputed_tokens:
             batch.samplers.append((request, row))
             if request.params.n > 1 and not request.forked:
-                for child in self._fork(request, num_computed=request.num_tokens):
+                for child in self._fork(request):
                     batch.samplers.append((child, row))
                     batch.forked.append(child)
                     batch.scheduled.add(child)
 
-    def _fork(self, parent: Request, num_computed: int) -> list[Request]:
+    def _fork(self, parent: Request) -> list[Request]:
         """The parent's n-1 sibling completions, sharing its prompt blocks from this step on."""
         parent.forked = True
-        children = []
-        for index in range(1, parent.params.n):
-            child = Request(
-                request_id=f"{parent.request_id}-{index}",
-                prompt_token_ids=parent.prompt_token_ids,
-                params=replace(parent.params, n=1),
-                arrival_time=parent.arrival_time,
-                sink_policy=parent.sink_policy,
-                cache_salt=parent.cache_salt,
-                tenant=parent.tenant,
-                index=index,
-                parent_id=parent.request_id,
-            )
-            child.num_computed_tokens = num_computed
-            child.num_evicted_tokens = parent.num_evicted_tokens
-            child.sink_gap = parent.sink_gap
-            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
-            child.status = RequestStatus.RUNNING
+        children = [parent.fork(index) for index in range(1, parent.params.n)]
+        for child in children:
             self.block_manager.fork(parent.request_id, child.request_id)
             self.running.append(child)
-            children.append(child)
         return children
 
-    def update(self, batch: ScheduledBatch) -> None:
+    def update(self, batch: SchedulerOutput) -> None:
         """Record that the batch's tokens are computed and their full blocks may be shared."""
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             if request.is_finished:

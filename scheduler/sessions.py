@@ -99,6 +99,14 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions.keys() | self._swapped.keys() | self._running.keys())
 
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host.num_blocks if self.host else 0
+
+    @property
+    def num_host_blocks_used(self) -> int:
+        return self.host.num_used_blocks if self.host else 0
+
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions or session_id in self._swapped or session_id in self._running
 

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from model.sampling_params import SamplingParams
-from scheduler import engine as engine_module
+from scheduler import fault_isolation
 from scheduler.engine import Engine
 
 POISON = 509  # a token id no clean prompt contains
@@ -57,7 +57,7 @@ def _greedy(n: int = 1) -> SamplingParams:
 def _assert_idle(engine: Engine) -> None:
     assert engine.block_manager.num_used_blocks == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert not engine._groups and not engine._suspects
+    assert not engine._groups and not engine.fault_isolation.suspects
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_a_fault_that_only_batches_trigger_ends_every_request_in_bounded_steps(m
     assert all(r == ["error"] for r in reasons.values())
     # Short prompts: every step batches all four. Each failed batch is followed by one token
     # from every request run alone; the MAX_FAULTS-th round without a culprit ends them.
-    assert all(len(t[0]) == engine_module.MAX_FAULTS for t in tokens.values())
+    assert all(len(t[0]) == fault_isolation.MAX_FAULTS for t in tokens.values())
     _assert_idle(engine)
 
 
@@ -207,8 +207,8 @@ def test_a_request_failed_at_the_end_of_a_round_is_reported_even_if_it_was_the_l
         if not engine.has_unfinished_requests():
             break
         a = engine._groups.get("A", [None])[0]
-        if "B" in engine._groups and a is not None and a.num_faults == engine_module.MAX_FAULTS - 1 \
-                and engine._suspects and engine._suspects[0] is a:
+        if "B" in engine._groups and a is not None and a.num_faults == fault_isolation.MAX_FAULTS - 1 \
+                and engine.fault_isolation.suspects and engine.fault_isolation.suspects[0] is a:
             engine.abort("B")
         for out in engine.step():
             if out.finished:
@@ -241,7 +241,7 @@ def test_innocent_requests_survive_any_number_of_culprits(monkeypatch):
     for i, prompt in enumerate(_prompts(4, seed=6, high=10)):
         engine.add_request(f"long-{i}", prompt, params)
     reasons = {}
-    for culprit in range(2 * engine_module.MAX_FAULTS):
+    for culprit in range(2 * fault_isolation.MAX_FAULTS):
         engine.add_request(f"bad-{culprit}", [POISON, 5], _greedy())
         for _ in range(6):
             for out in engine.step():
@@ -251,7 +251,7 @@ def test_innocent_requests_survive_any_number_of_culprits(monkeypatch):
         for out in engine.step():
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
-    assert all(reasons[f"bad-{i}"] == "error" for i in range(2 * engine_module.MAX_FAULTS))
+    assert all(reasons[f"bad-{i}"] == "error" for i in range(2 * fault_isolation.MAX_FAULTS))
     assert all(reasons[f"long-{i}"] == "length" for i in range(4))
     _assert_idle(engine)
 

@@ -18,7 +18,8 @@ import pytest
 from model.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.request import FinishReason, Request, RequestStatus
-from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler_output import SchedulerOutput
 
 VOCAB = 1000
 BS = 4
@@ -69,7 +70,7 @@ class Driver:
         self.scheduler.add_request(request)
         return request
 
-    def step(self) -> ScheduledBatch:
+    def step(self) -> SchedulerOutput:
         sched = self.scheduler
         running_before = {r.request_id for r in sched.running}
         before = {r.request_id: (list(r.token_ids), r.num_preemptions) for r in [*sched.running, *sched.waiting]}
@@ -128,7 +129,7 @@ class Driver:
         assert self.bm.num_free_blocks == self.bm.num_blocks
         assert all(self.bm.ref_count(b) == 0 for b in range(self.bm.num_blocks))
 
-    def _check_batch(self, batch: ScheduledBatch, running_before: set[str]) -> Step:
+    def _check_batch(self, batch: SchedulerOutput, running_before: set[str]) -> Step:
         """running_before: the requests that were running before this step and still are."""
         sched, config = self.scheduler, self.config
         assert len(batch.requests) == len(batch.num_new_tokens)
@@ -169,7 +170,7 @@ class Driver:
         assert len(set(step.sampler_ids)) == len(step.sampler_ids)
         return step
 
-    def _forward(self, batch: ScheduledBatch) -> list[list[int]]:
+    def _forward(self, batch: SchedulerOutput) -> list[list[int]]:
         """Copy blocks, write every row's new tokens, then read every row's context back."""
         for src, dst in batch.blocks_to_copy:
             self.slots[dst] = list(self.slots[src])

@@ -25,12 +25,11 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Protocol
 
 import torch
 
+from model.execution.model_input import GrammarBitmask
 from model.sampling_params import SamplingParams
-
 
 
 @dataclass
@@ -52,16 +51,6 @@ class SamplingRow:
         return self.params.greedy
 
 
-class TokenMasks(Protocol):
-    """The grammar bitmasks of a step's constrained rows (scheduler/structured_output.py)."""
-
-    def wait(self) -> tuple[list[int], torch.Tensor]:
-        """The constrained rows and their bitmask [rows, ceil(V / 32)] int32, once filled."""
-
-    def settle(self) -> None:
-        """Wait for the fill to end, without raising (after a failed step)."""
-
-
 @dataclass
 class SamplerOutput:
     """The sampled token of each row and, when any row asked for logprobs, their logprobs.
@@ -81,7 +70,7 @@ class Sampler:
     """Samples one token per row of a step's logits [N, V], all rows in one batch."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
-                 token_masks: TokenMasks | None = None) -> SamplerOutput:
+                 grammar: GrammarBitmask | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"expected logits [{len(rows)}, vocab], got {list(logits.shape)}")
         for row in rows:
@@ -89,8 +78,8 @@ class Sampler:
                 raise ValueError("a row needs a generator exactly when its params have a seed")
         raw = logits.float()
         processed = apply_penalties(apply_logit_bias(raw, rows), rows)
-        if token_masks is not None:  # waits for the masks only now, after the forward pass
-            processed = apply_token_bitmask(processed, *token_masks.wait())
+        if grammar is not None:
+            processed = apply_token_bitmask(processed, grammar.rows, grammar.bitmask)
         token_ids = sample(processed, rows)
         requested = [row.params.logprobs for row in rows if row.params.logprobs is not None]
         if not requested:
