@@ -23,27 +23,27 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from model.sampling_params import SamplingParams, SamplingParamsError
-from scheduler.engine import PromptTooLongError
-from server.async_engine import EngineDeadError
+from model.sampling_params import SamplingParams
+from scheduler.input_processor import PromptTooLongError
 from server.chat_template import ChatTemplateError
 from server.errors import APIError, utf8_safe
+from server.job_runner import collected_response, run_prompts
+from server.json_response import json_response
 from server.middleware import request_tenant
 from server.response_store import Chain, StoredResponse
 from server.request_text import check_text_sizes, utf8_size
 from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
-from server.serving import (Job, ServerState, cache_salt, capped_output, check_prompt, engine_api_error,
-                            json_response, run_prompts, session_key, until_disconnected)
+from server.serving import (Job, ServerState, capped_output, check_stream_options, request_options, sampling_params,
+                            session_key, start_job)
+from server.streaming import stream_error
 
 logger = logging.getLogger(__name__)
 
-_NO_SALT = SimpleNamespace(cache_salt=None)  # a response's cache salt is its API key's alone
 _background: set[asyncio.Task] = set()  # session ends under way (a reference keeps each task alive)
 
 
@@ -75,15 +75,9 @@ def _not_found(response_id: str, param: str | None = None, code: str | None = No
 def _spawn_session_ends(state: ServerState, sessions: list[str]) -> None:
     """End sessions in the engine in the background (a request does not wait for it)."""
     if sessions:
-        task = asyncio.ensure_future(_end_sessions(state, sessions))
+        task = asyncio.ensure_future(state.engine.end_sessions(sessions))
         _background.add(task)
         task.add_done_callback(_background.discard)
-
-
-async def _end_sessions(state: ServerState, sessions: list[str]) -> None:
-    if sessions:
-        with contextlib.suppress(EngineDeadError):  # a dead engine keeps no sessions anyway
-            await state.engine.call(lambda engine: [engine.end_session(session) for session in sessions])
 
 
 def _using_store(method, *args):
@@ -108,56 +102,34 @@ async def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredR
 
 async def create_response(state: ServerState, body: ResponseRequest, raw: Request) -> Response:
     state.check_model(body.model)
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(body)
     previous = None
     if body.previous_response_id is not None:
         previous = await _lookup(state, body.previous_response_id, raw)
         if previous is None:
             raise _not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
-    try:
-        windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="attention_window") from exc
-    params = _sampling_params(state, body, capped_output(state, windowed, body.max_output_tokens, "max_output_tokens"))
-    state.check_capacity()
     response_id = f"resp_{uuid.uuid4().hex}"
     chain = None
     if body.store:
         chain = previous.chain if previous is not None else Chain(
             session_key(raw, f"responses:{response_id[len('resp_'):]}", "previous_response_id"))
-    turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), request_tenant(raw.scope),
+    # A response's cache salt is its API key's alone; its deadline, the server's --request-timeout.
+    options = request_options(state, raw, body.attention_sinks, body.attention_window,
+                              chain.session_id if chain is not None else None, None, None)
+    params = sampling_params(state, body, capped_output(state, options.windowed, body.max_output_tokens,
+                                                        "max_output_tokens"))
+    state.check_capacity()
+    turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), options.tenant,
                  previous, chain, tuple((f"msg_{uuid.uuid4().hex}", role, text) for role, text in body.messages()),
                  params.temperature, params.top_p)
-    timeout = state.request_timeout
-    options = {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
-               "session_id": chain.session_id if chain is not None else None,
-               "cache_salt": cache_salt(state, raw, _NO_SALT), "tenant": turn.tenant,
-               "deadline": time.monotonic() + timeout if timeout else None}
-    prompt = await run_in_threadpool(_prompt, state, turn, params, options, windowed)
-    state.check_capacity()
-    turn.job = Job(response_id, {}, [prompt], params, options, streamed=body.stream)
+    prompt = await run_in_threadpool(_prompt, state, turn, params, options.windowed)
+    turn.job = await start_job(state, response_id, {}, [prompt], params, options, None, "input", body.stream)
     if body.stream:
         return StreamingResponse(_stream(state, turn), media_type="text/event-stream")
-    payload = await until_disconnected(raw, _collect(state, turn))
-    return await json_response(payload) if payload is not None else Response(status_code=499)
+    return await collected_response(raw, _collect(state, turn))
 
 
-def _sampling_params(state: ServerState, body: ResponseRequest, max_tokens: int | None) -> SamplingParams:
-    def pick(name: str, fallback):
-        value = getattr(body, name, None)
-        return value if value is not None else state.generation.sampling.get(name, fallback)
-
-    try:
-        return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-                              top_k=pick("top_k", None), min_p=pick("min_p", 0.0),
-                              repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens,
-                              default_max_tokens=state.default_max_tokens)
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), param=exc.param) from exc
-
-
-def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: dict, windowed: bool) -> list[int]:
+def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, windowed: bool) -> list[int]:
     """The conversation's prompt tokens (in a worker thread): the chain's history, this
     request's input, this request's instructions first; checked against the chain's bound
     and the context, with the oldest messages dropped to fit under `truncation: "auto"`."""
@@ -188,13 +160,12 @@ def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: di
                        code="response_chain_too_long")
     if not windowed and body.truncation == "auto" and not _fits(state, prompt, params):
         prompt = _truncated(state, messages, encode, params)
-    check_prompt(state, prompt, params, options, "input")
-    return prompt
+    return prompt  # checked by the input processor (serving.start_job)
 
 
 def _fits(state: ServerState, prompt: list[int], params: SamplingParams) -> bool:
     try:
-        state.engine.check_prompt(prompt, params, None)
+        state.engine.input_processor.check_prompt(prompt, params, None)
     except PromptTooLongError:
         return False
     except ValueError:
@@ -240,7 +211,7 @@ def _message_item(message_id: str, status: str, text: str | None) -> dict:
 def _usage(turn: _Turn, output_tokens: int, cached: int) -> dict:
     input_tokens = len(turn.job.prompts[0])
     # What this turn wrote into its chain's session, for the next turn: the input tokens it computed.
-    written = input_tokens - cached if turn.job.options["session_id"] is not None else 0
+    written = input_tokens - cached if turn.job.requests[0].session_id is not None else 0
     return {"input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -367,10 +338,7 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
         events, ended = await run_in_threadpool(_final_events, state, turn, "".join(parts), finish_reason,
                                                 output_tokens, cached, first)
     except Exception as exc:  # the headers are sent: the error travels inside the stream
-        error = exc if isinstance(exc, APIError) else engine_api_error(exc)
-        if error is None:
-            logger.exception("response stream failed")
-            error = APIError(500, "The server had an error while processing the request.", "internal_error")
+        error = stream_error(exc)
         yield _event("error", next(sequence), code=error.code or error.type, message=error.message, param=error.param)
         item = _message_item(message_id, "incomplete", "".join(parts))
         failed = _response_object(state, turn, "failed", output=[item],
@@ -423,7 +391,7 @@ async def delete_response(state: ServerState, response_id: str, raw: Request) ->
     it was the chain's last response kept, the session's cache ends too."""
     deleted, ended = await run_in_threadpool(_using_store, state.response_store.delete, response_id,
                                              request_tenant(raw.scope))
-    await _end_sessions(state, ended)
+    await state.engine.end_sessions(ended)
     if not deleted:
         raise _not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}

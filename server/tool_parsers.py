@@ -3,8 +3,8 @@
 Every format writes a call as a JSON object holding the tool's name and its arguments object, and groups calls in
 blocks that open with a marker. A parser splits a whole output into its content and its calls (`extract`), follows
 an output as it streams (`streamer`: server/tool_call_streamer.py), and writes the llguidance Lark grammar that
-holds a model to calls in its format (`grammar`). `TOOL_PARSERS` maps each format's name to its parser; a new format is a `ToolParser` subclass
-added there.
+holds a model to calls in its format (`grammar`). `TOOL_PARSERS` maps each format's name to its parser; a new
+format is a `ToolParser` subclass added there.
 """
 
 from __future__ import annotations
