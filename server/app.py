@@ -22,10 +22,11 @@ from server.middleware import (DEFAULT_BODY_TIMEOUT, APIKeyMiddleware, BodySizeL
                                RequestIdMiddleware)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_body import add_body_schemas, body_schema, parse_body
-from server.responses import create_response, delete_response, list_input_items, retrieve_response
+from server.responses import create_response
 from server.responses_protocol import ResponseRequest
 from server.json_response import json_response
 from server.serving import ServerState, session_key
+from server.stored_responses import delete_response, list_input_items, retrieve_response
 from server.streaming import engine_api_error
 
 from server.defaults import DEFAULT_MAX_BODY_BYTES  # the CLI's default (--max-request-body-bytes)

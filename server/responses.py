@@ -1,5 +1,5 @@
-"""OpenAI's Responses API on top of sessions: POST /v1/responses, GET and DELETE
-/v1/responses/{id}, GET /v1/responses/{id}/input_items.
+"""OpenAI's Responses API on top of sessions: POST /v1/responses (the stored responses' routes:
+server/stored_responses.py).
 
 A response chain is a session. A response's conversation is its chain's stored messages (every
 earlier turn's input and output, found by walking `previous_response_id`) plus this request's
@@ -14,11 +14,9 @@ Storage and its bounds: server/response_store.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,18 +31,13 @@ from scheduler.input_processor import PromptTooLongError
 from server.chat_template import ChatTemplateError
 from server.errors import APIError, utf8_safe
 from server.job_runner import collected_response, run_prompts
-from server.json_response import json_response
-from server.middleware import request_tenant
 from server.response_store import Chain, StoredResponse
 from server.request_text import check_text_sizes, utf8_size
-from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
+from server.responses_protocol import ResponseRequest
 from server.serving import (Job, ServerState, capped_output, check_stream_options, request_options, sampling_params,
                             session_key, start_job)
+from server.stored_responses import lookup, message_item, not_found, spawn_session_ends, text_part, using_store
 from server.streaming import stream_error
-
-logger = logging.getLogger(__name__)
-
-_background: set[asyncio.Task] = set()  # session ends under way (a reference keeps each task alive)
 
 
 @dataclass
@@ -65,49 +58,14 @@ class _Turn:
     stored: bool = False
 
 
-def _not_found(response_id: str, param: str | None = None, code: str | None = None) -> APIError:
-    shown = response_id[:MAX_ID_CHARS]
-    if param == "previous_response_id":
-        return APIError(404, f"Previous response with id '{shown}' not found.", param=param, code=code)
-    return APIError(404, f"No response found with id '{shown}'.", "invalid_request_error", param, code)
-
-
-def _spawn_session_ends(state: ServerState, sessions: list[str]) -> None:
-    """End sessions in the engine in the background (a request does not wait for it)."""
-    if sessions:
-        task = asyncio.ensure_future(state.engine.end_sessions(sessions))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-def _using_store(method, *args):
-    """A call of the response store (a file or a server: it can fail): its failure is a 503 that
-    says so, never a 500 or a reply that pretends to be stored."""
-    try:
-        return method(*args)
-    except Exception as exc:  # noqa: BLE001 (sqlite3, redis, OS errors alike)
-        logger.exception("the response store failed")
-        raise APIError(503, "The response store is not available: retry later, or send store: false (a reply "
-                            "that was generated is not stored).", "service_unavailable",
-                       code="response_store_unavailable") from exc
-
-
-async def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
-    """The tenant's stored response (in a worker thread: the store may be a file or a server)."""
-    node, ended = await run_in_threadpool(_using_store, state.response_store.get, response_id,
-                                          request_tenant(raw.scope))
-    _spawn_session_ends(state, ended)
-    return node
-
-
 async def create_response(state: ServerState, body: ResponseRequest, raw: Request) -> Response:
     state.check_model(body.model)
     check_stream_options(body)
     previous = None
     if body.previous_response_id is not None:
-        previous = await _lookup(state, body.previous_response_id, raw)
+        previous = await lookup(state, body.previous_response_id, raw)
         if previous is None:
-            raise _not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
+            raise not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
     response_id = f"resp_{uuid.uuid4().hex}"
     chain = None
     if body.store:
@@ -199,15 +157,6 @@ def _truncated(state: ServerState, messages: list[tuple[str, str]], encode, para
 # -- response objects ------------------------------------------------------------------------
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _message_item(message_id: str, status: str, text: str | None) -> dict:
-    return {"id": message_id, "type": "message", "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
-
-
 def _usage(turn: _Turn, output_tokens: int, cached: int) -> dict:
     input_tokens = len(turn.job.prompts[0])
     # What this turn wrote into its chain's session, for the next turn: the input tokens it computed.
@@ -255,14 +204,14 @@ def _finish(state: ServerState, turn: _Turn, text: str, finish_reason: str | Non
     long); and the sessions that storing it ended."""
     status, reason = _outcome(finish_reason)
     item_status = "completed" if status == "completed" else "incomplete"
-    payload = _response_object(state, turn, status, output=[_message_item(turn.message_id, item_status, text)],
+    payload = _response_object(state, turn, status, output=[message_item(turn.message_id, item_status, text)],
                                usage=_usage(turn, output_tokens, cached), incomplete=reason)
     ended: list[str] = []
     if turn.chain is not None:
         fields = {key: value for key, value in payload.items() if key not in ("instructions", "output")}
         node = StoredResponse(turn.response_id, turn.tenant, turn.chain, turn.previous, turn.input_items,
                               turn.body.instructions, text, turn.message_id, fields)
-        ended = _using_store(state.response_store.add, node)
+        ended = using_store(state.response_store.add, node)
         turn.stored = True
     return payload, ended
 
@@ -271,7 +220,7 @@ def _abandon(state: ServerState, turn: _Turn) -> None:
     """A turn that ended without a stored response (the client left, or an error): a chain it
     would have started has nothing to continue from, so its session goes too."""
     if turn.chain is not None and turn.previous is None and not turn.stored:
-        _spawn_session_ends(state, [turn.chain.session_id])
+        spawn_session_ends(state, [turn.chain.session_id])
 
 
 async def _collect(state: ServerState, turn: _Turn) -> dict:
@@ -286,7 +235,7 @@ async def _collect(state: ServerState, turn: _Turn) -> dict:
                                                  cached)
     finally:
         _abandon(state, turn)
-    _spawn_session_ends(state, ended)
+    spawn_session_ends(state, ended)
     return payload
 
 
@@ -319,9 +268,9 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
     for event in opening:
         yield event
     yield _event("response.output_item.added", next(sequence), output_index=0,
-                 item=_message_item(message_id, "in_progress", None))
+                 item=message_item(message_id, "in_progress", None))
     yield _event("response.content_part.added", next(sequence), item_id=message_id, output_index=0, content_index=0,
-                 part=_text_part(""))
+                 part=text_part(""))
     parts: list[str] = []
     finish_reason, output_tokens, cached = None, 0, 0
     try:
@@ -340,14 +289,14 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
     except Exception as exc:  # the headers are sent: the error travels inside the stream
         error = stream_error(exc)
         yield _event("error", next(sequence), code=error.code or error.type, message=error.message, param=error.param)
-        item = _message_item(message_id, "incomplete", "".join(parts))
+        item = message_item(message_id, "incomplete", "".join(parts))
         failed = _response_object(state, turn, "failed", output=[item],
                                   error={"code": "server_error", "message": error.message})
         yield _event("response.failed", next(sequence), response=failed)
         return
     for event in events:
         yield event
-    _spawn_session_ends(state, ended)
+    spawn_session_ends(state, ended)
 
 
 def _final_events(state: ServerState, turn: _Turn, text: str, finish_reason: str | None, output_tokens: int,
@@ -357,71 +306,10 @@ def _final_events(state: ServerState, turn: _Turn, text: str, finish_reason: str
     ids = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
     events = [
         _event("response.output_text.done", first, **ids, text=text, logprobs=[]),
-        _event("response.content_part.done", first + 1, **ids, part=_text_part(text)),
+        _event("response.content_part.done", first + 1, **ids, part=text_part(text)),
         _event("response.output_item.done", first + 2, output_index=0, item=item),
         _event(f"response.{payload['status']}", first + 3, response=payload),
     ]
     return events, ended
 
 
-# -- stored responses ------------------------------------------------------------------------
-
-
-def _stored_object(node: StoredResponse) -> dict:
-    status = "completed" if node.fields["status"] == "completed" else "incomplete"
-    return {**node.fields, "instructions": node.instructions,
-            "output": [_message_item(node.message_id, status, node.output_text)]}
-
-
-async def retrieve_response(state: ServerState, response_id: str, raw: Request, stream: bool,
-                            include: list[str] | None) -> Response:
-    if stream:
-        raise APIError(400, "stream is not supported when retrieving a response: responses are not run in the "
-                            "background", param="stream")
-    if include:
-        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = await _lookup(state, response_id, raw)
-    if node is None:
-        raise _not_found(response_id)
-    return await json_response(await run_in_threadpool(_stored_object, node))
-
-
-async def delete_response(state: ServerState, response_id: str, raw: Request) -> dict:
-    """Forget a response; if its chain's session holds its turn (it was the chain's head), or
-    it was the chain's last response kept, the session's cache ends too."""
-    deleted, ended = await run_in_threadpool(_using_store, state.response_store.delete, response_id,
-                                             request_tenant(raw.scope))
-    await state.engine.end_sessions(ended)
-    if not deleted:
-        raise _not_found(response_id)
-    return {"id": response_id, "object": "response", "deleted": True}
-
-
-def _input_item(item_id: str, role: str, text: str) -> dict:
-    if role == "assistant":
-        return {"id": item_id, "type": "message", "status": "completed", "role": role, "content": [_text_part(text)]}
-    return {"id": item_id, "type": "message", "status": "completed", "role": role,
-            "content": [{"type": "input_text", "text": text}]}
-
-
-async def list_input_items(state: ServerState, response_id: str, raw: Request, after: str | None, limit: int,
-                           order: str, include: list[str] | None) -> Response:
-    if include:
-        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = await _lookup(state, response_id, raw)
-    if node is None:
-        raise _not_found(response_id)
-
-    def page() -> dict:
-        items = list(node.input_items) if order == "asc" else list(reversed(node.input_items))
-        start = 0
-        if after is not None:
-            ids = [item_id for item_id, _, _ in items]
-            if after not in ids:
-                raise APIError(400, f"No input item with id '{after[:MAX_ID_CHARS]}' in this response.", param="after")
-            start = ids.index(after) + 1
-        data = [_input_item(*item) for item in items[start:start + limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}
-
-    return await json_response(await run_in_threadpool(page))
