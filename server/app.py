@@ -22,9 +22,12 @@ from server.middleware import (DEFAULT_BODY_TIMEOUT, APIKeyMiddleware, BodySizeL
                                RequestIdMiddleware)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_body import add_body_schemas, body_schema, parse_body
-from server.responses import create_response, delete_response, list_input_items, retrieve_response
+from server.responses import create_response
 from server.responses_protocol import ResponseRequest
-from server.serving import ServerState, engine_api_error, json_response, session_key
+from server.json_response import json_response
+from server.serving import ServerState, session_key
+from server.stored_responses import delete_response, list_input_items, retrieve_response
+from server.streaming import engine_api_error
 
 from server.defaults import DEFAULT_MAX_BODY_BYTES  # the CLI's default (--max-request-body-bytes)
 
@@ -99,7 +102,7 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
     @app.delete("/v1/sessions/{session_id:path}")
     async def end_session(session_id: str, raw: Request):
         key = session_key(raw, session_id, "session_id")
-        if not await state.engine.call(lambda engine: engine.end_session(key)):
+        if not await state.engine.end_session(key):
             raise APIError(404, f"No session `{session_id}`.", "not_found_error", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 

@@ -25,12 +25,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.sampling_params import SamplingParams
 from scheduler.engine import Engine
+from scheduler.engine_request import EngineRequest
 from scheduler.engine_stats import EngineStats
+from scheduler.input_processor import InputProcessor
 from scheduler.output_processor import RequestOutput
-from scheduler.sink_policy import SinkPolicy
-from scheduler.structured_output import StructuredOutput
 from server.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -75,14 +74,6 @@ def _unread_weight(outputs: list[RequestOutput]) -> int:
 
 
 @dataclass
-class _Add:
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
-    options: dict  # Engine.add_request keyword options (sink policy, session)
-
-
-@dataclass
 class _Stream:
     """A request's outputs (a list per step) or error, on their way to its reader."""
 
@@ -97,7 +88,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._cond = threading.Condition()
-        self._adds: list[_Add] = []
+        self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
         self._calls: list[tuple[Callable[[Engine], Any], asyncio.Future]] = []
         self._stopping = False
@@ -126,19 +117,31 @@ class AsyncEngine:
         """The engine's state and counters now (read from this thread: a step may be under way)."""
         return self.engine.stats()
 
-    def sink_policy(self, attention_sinks: int | None, attention_window: int | None) -> SinkPolicy | None:
-        """Engine.sink_policy: the StreamingLLM policy for a request's options; ValueError if bad."""
-        return self.engine.sink_policy(attention_sinks, attention_window)
-
-    def check_prompt(self, token_ids: list[int], params: SamplingParams, policy: SinkPolicy | None) -> None:
-        """Engine.check_prompt: ValueError (PromptTooLongError) if the request cannot be served."""
-        self.engine.check_prompt(token_ids, params, policy)
-
     @property
-    def structured_output(self) -> StructuredOutput:
-        """The engine's grammars (compiled by the server's GrammarCompiler, then handed to
-        `generate` with the request)."""
-        return self.engine.structured_output
+    def input_processor(self) -> InputProcessor:
+        """Turns a prompt and a request's options into the EngineRequest `generate` takes; it
+        reads only startup settings and the tokenizer, so any thread may call it."""
+        return self.engine.input_processor
+
+    # Grammars: the server's GrammarCompiler tries each in a sandbox, then compiles it into the
+    # engine's cache (in a thread of its own), and hands the compiled form to the request.
+
+    def cached_grammar(self, grammar: str, salt: str | None) -> object | None:
+        """The compiled grammar in the engine's cache under this prefix-cache salt, if any."""
+        return self.engine.structured_output.cached(grammar, salt)
+
+    def compile_grammar(self, grammar: str, salt: str | None, tenant: str | None, num_bytes: int | None) -> object:
+        """Compile a grammar into tenant's share of the engine's cache (`num_bytes`: what the
+        sandbox measured); GrammarError if it does not compile. Blocking: call it in a thread."""
+        return self.engine.structured_output.compile(grammar, salt, tenant, num_bytes)
+
+    def grammar_vocabulary(self) -> dict:
+        """What a grammar sandbox needs to compile as the engine does: the vocabulary's payload,
+        the model's vocabulary size and its end-of-sequence ids. Blocking (the vocabulary is
+        built on first use, ~0.1 s)."""
+        structured = self.engine.structured_output
+        return {"vocab": structured.vocab.payload(), "n_vocab": structured.vocab_size,
+                "eos_token_ids": structured.eos_token_ids}
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -152,8 +155,7 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    async def generate(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                       client_reads: bool = True, **options) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, request: EngineRequest, client_reads: bool = True) -> AsyncIterator[list[RequestOutput]]:
         """The request's outputs, a list per engine step, until all n completions finish.
 
         Leaving the iteration early (the client went away) aborts the request. Raises
@@ -165,13 +167,14 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop is not running")
         if self._shutting_down:
             raise ServerShuttingDownError("the server is shutting down")
+        request_id, params = request.request_id, request.params
         stream = _Stream()
         if client_reads:
             # A step adds n x (1 + alternatives) to the weight: a reader a few steps behind (the
             # event loop busy for a moment) is never taken for one that stopped reading.
             stream.limit = max(MAX_UNREAD_TOKENS, 8 * params.n * (1 + (params.logprobs or 0)))
         self._streams[request_id] = stream
-        self._submit(adds=[_Add(request_id, token_ids, params, options)])
+        self._submit(adds=[request])
         remaining = params.n
         produced = False  # any output token yet
         try:
@@ -194,7 +197,18 @@ class AsyncEngine:
             if remaining:
                 self._submit(aborts=[request_id])
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+    async def end_session(self, session_id: str) -> bool:
+        """End a session (drop its cache) on the engine thread, between steps; False if there
+        was none."""
+        return await self._call(lambda engine: engine.end_session(session_id))
+
+    async def end_sessions(self, session_ids: list[str]) -> None:
+        """End several sessions in one trip to the engine thread; a dead engine keeps none."""
+        if session_ids:
+            with contextlib.suppress(EngineDeadError):
+                await self._call(lambda engine: [engine.end_session(session) for session in session_ids])
+
+    async def _call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
@@ -210,7 +224,7 @@ class AsyncEngine:
         self._shutting_down = True
         self._submit(aborts=list(self._streams))
 
-    def _submit(self, adds: list[_Add] = (), aborts: list[str] = ()) -> None:
+    def _submit(self, adds: list[EngineRequest] = (), aborts: list[str] = ()) -> None:
         with self._cond:
             self._adds.extend(adds)
             self._aborts.extend(aborts)
@@ -238,15 +252,15 @@ class AsyncEngine:
                 for fn, future in calls:
                     self._loop.call_soon_threadsafe(settle, future, *_run(fn, self.engine))
                 outputs: list[RequestOutput | tuple[str, BaseException]] = []
-                for add in adds:
+                for request in adds:
                     try:
-                        self.engine.add_request(add.request_id, add.token_ids, add.params, **add.options)
-                    except ValueError as exc:
-                        outputs.append((add.request_id, exc))
+                        self.engine.add(request)
+                    except ValueError as exc:  # its id is in use, or its grammar is refused
+                        outputs.append((request.request_id, exc))
                     except Exception as exc:  # a bug this request hit fails it alone, not the loop
-                        logger.exception("adding request %s failed", add.request_id)
-                        self.engine.abort(add.request_id)
-                        outputs.append((add.request_id, exc))
+                        logger.exception("adding request %s failed", request.request_id)
+                        self.engine.abort(request.request_id)
+                        outputs.append((request.request_id, exc))
                 for request_id in aborts:
                     outputs.extend(self.engine.abort(request_id))
                 if self.engine.has_unfinished_requests():

@@ -13,12 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.chat_template import ChatTemplateError, ToolsNotRenderedError
 from server.errors import APIError
+from server.job_runner import collected_response, openai_finish, run_prompts
+from server.logprobs import chat_logprobs, logprobs_of_text, prompt_logprobs_list
 from server.protocol import ChatCompletionRequest
 from server.request_text import chat_text_sizes, check_text_sizes
-from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, chat_logprobs,
-                            check_logprob_volume, check_prompt, check_stream_options, engine_options, guarded,
-                            json_response, logprobs_of_text, openai_finish, output_budget, prompt_logprobs_list,
-                            run_prompts, sampling_params, sse, until_disconnected, usage)
+from server.serving import (Job, ServerState, capped_output, check_stream_options, request_sampling_params,
+                            sampling_options, start_job)
+from server.streaming import ChunkStream, UsageCounter, guarded
 from server.structured_outputs import output_grammar
 from server.tools import ToolCallStream, parses_calls, reply_message, template_message, template_tools, tool_grammar
 
@@ -47,33 +48,26 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if body.prompt_logprobs is not None and body.stream:
         raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
-    options = engine_options(state, body, raw)
-    if body.prompt_logprobs is not None and options["session_id"] is not None:
+    options = sampling_options(state, body, raw)
+    if body.prompt_logprobs is not None and options.session_id is not None:
         raise APIError(400, "prompt_logprobs cannot be combined with a session: the session's cached tokens are "
                             "not scored again", param="prompt_logprobs")
-    max_tokens = output_budget(state, body, body.max_completion_tokens or body.max_tokens)
-    windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    max_tokens = capped_output(state, options.windowed, body.max_completion_tokens or body.max_tokens, "max_tokens")
     await run_in_threadpool(lambda: check_text_sizes(state.max_text_bytes, state.max_model_len,
-                                                     chat_text_sizes(body), windowed, evictable="messages"))
+                                                     chat_text_sizes(body), options.windowed, evictable="messages"))
     state.check_capacity(body.n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
+    params = request_sampling_params(state, body, max_tokens, logprobs, body.prompt_logprobs)
     forced_calls = lambda: tool_grammar(state.tool_parser, body)  # noqa: E731
-    grammar, options["compiled_grammar"] = await output_grammar(state, body, options["cache_salt"], options["tenant"],
-                                                                forced_calls)
+    grammar, compiled = await output_grammar(state, body, options.cache_salt, options.tenant, forced_calls)
     params = replace(params, grammar=grammar)
     prompt = await chat_prompt(state, body)
-    await run_in_threadpool(check_prompt, state, prompt, params, options, "messages")
-    check_logprob_volume(state, params, [len(prompt)])
-    state.check_capacity(body.n)
-    await build_stop_strings(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
-    job = Job(request_id, header, [prompt], params, options, streamed=body.stream)
+    job = await start_job(state, request_id, header, [prompt], params, options, compiled, "messages", body.stream)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job)), media_type="text/event-stream")
-    result = await until_disconnected(raw, _collect(state, body, job))
-    return await json_response(result) if result is not None else Response(status_code=499)
+    return await collected_response(raw, _collect(state, body, job))
 
 
 async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) -> dict:
@@ -82,16 +76,15 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
     entries = [[] for _ in range(n)]
     finish, stop_reasons = [None] * n, [None] * n
     prompt_logprobs = None
-    completion_tokens = cached = 0
+    counter = UsageCounter(len(job.prompts[0]))
     async for _, out in run_prompts(state, job):
         texts[out.index] += out.text
         entries[out.index] += out.logprobs or []
         if out.prompt_logprobs is not None and prompt_logprobs is None:
             prompt_logprobs = out.prompt_logprobs
+        counter.add(0, out)
         if out.finished:
             finish[out.index], stop_reasons[out.index] = openai_finish(out)
-            completion_tokens += out.num_output_tokens
-            cached = out.num_cached_tokens if out.index == 0 else cached
 
     def choice(i: int) -> dict:
         if finish[i] == "stop" and isinstance(stop_reasons[i], str) and not job.params.include_stop_str_in_output:
@@ -105,7 +98,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
     def response() -> dict:
         choices = [choice(i) for i in range(n)]
         result = {**job.header, "object": "chat.completion", "choices": choices,
-                  "usage": usage(len(job.prompts[0]), completion_tokens, cached)}
+                  "usage": counter.total()}
         if body.prompt_logprobs is not None:
             result["prompt_logprobs"] = prompt_logprobs_list(
                 state.tokenizer, prompt_logprobs or [None] * len(job.prompts[0]), body.prompt_logprobs)
@@ -115,17 +108,14 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, job: Job) ->
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    chunk = {**job.header, "object": "chat.completion.chunk"}
-    counter = UsageCounter(len(job.prompts[0]))
-    extra = {"usage": counter.usage() if continuous_usage else None} if include_usage or continuous_usage else {}
+    chunks = ChunkStream({**job.header, "object": "chat.completion.chunk"}, body.stream_options,
+                         len(job.prompts[0]))
 
     def event(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
-        return sse({**chunk, "choices": [choice], **extra})
+        return chunks.chunk(choice)
 
     calls = [ToolCallStream(state.tool_parser, body.parallel_tool_calls) if parses_calls(body) else None
              for _ in range(job.params.n)]
@@ -135,14 +125,11 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
     # Logprobs travel with the text of their tokens: held while that text is (it may begin a
     # stop string), and dropped when it was all stop string.
     pending: list[list] = [[] for _ in range(job.params.n)]
-    completion_tokens = cached = 0
     async for _, out in run_prompts(state, job):
         if not started[out.index]:
             started[out.index] = True
             yield event(out.index, {"role": "assistant", "content": ""})
-        counter.add(0, out)
-        if continuous_usage:
-            extra = {"usage": counter.usage()}
+        chunks.usage.add(0, out)
         if body.logprobs and out.logprobs:
             pending[out.index] += out.logprobs
         stopped_by_string = out.finish_reason == "stop" and isinstance(out.stop_reason, str)
@@ -165,14 +152,11 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, job: Job) -> 
                 yield event(out.index, {"tool_calls": tool_calls})
             text, logprobs = "", None
         if out.finished:
-            completion_tokens += out.num_output_tokens
-            cached = out.num_cached_tokens if out.index == 0 else cached
             finish_reason, stop_reason = openai_finish(out)
             if stream is not None and stream.called and finish_reason == "stop":
                 finish_reason = "tool_calls"
             yield event(out.index, {"content": text}, logprobs, finish_reason, stop_reason)
         elif text or logprobs:
             yield event(out.index, {"content": text}, logprobs)
-    if include_usage:
-        yield sse({**chunk, "choices": [], "usage": usage(len(job.prompts[0]), completion_tokens, cached)})
-    yield SSE_DONE
+    for event_text in chunks.end():
+        yield event_text

@@ -13,11 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from scheduler.output_processor import RequestOutput
 from server.errors import APIError
+from server.job_runner import collected_response, openai_finish, run_prompts
+from server.logprobs import completion_logprobs, prompt_logprobs_list, with_top
 from server.protocol import CompletionRequest
-from server.serving import (SSE_DONE, Job, ServerState, UsageCounter, build_stop_strings, check_logprob_volume,
-                            check_prompt, check_stream_options, completion_logprobs, engine_options, guarded,
-                            json_response, openai_finish, output_budget, prompt_logprobs_list, with_top,
-                            run_prompts, sampling_params, sse, until_disconnected, usage)
+from server.serving import (Job, ServerState, capped_output, check_stream_options, request_sampling_params,
+                            sampling_options, start_job)
+from server.streaming import ChunkStream, UsageCounter, guarded
 from server.structured_outputs import output_grammar
 
 
@@ -34,8 +35,8 @@ class _Choice:
     echoed: bool = False
 
 
-def _prompts(state: ServerState, prompt, windowed: bool) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt (run in a worker thread: it tokenizes)."""
+def _prompts(state: ServerState, prompt, windowed: bool) -> list[list[int]]:
+    """Token ids of each prompt (run in a worker thread: it tokenizes)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt[0], int):
@@ -43,12 +44,15 @@ def _prompts(state: ServerState, prompt, windowed: bool) -> tuple[list[list[int]
     if isinstance(prompt[0], str):
         for text in prompt:
             state.check_text_length(text, windowed, "prompt")
-        return [state.tokenizer.encode(p) for p in prompt], list(prompt)
-    vocab = state.tokenizer.vocab_size
-    for ids in prompt:
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    return prompt, [state.tokenizer.decode(ids) for ids in prompt]
+        return [state.tokenizer.encode(p) for p in prompt]
+    return prompt
+
+
+def _prompt_texts(state: ServerState, prompt, requests: list) -> list[str]:
+    """The text of each prompt (its token ids decoded, once the input processor checked them)."""
+    if isinstance(prompt, str) or isinstance(prompt[0], str):
+        return [prompt] if isinstance(prompt, str) else list(prompt)
+    return [state.tokenizer.decode(request.prompt_token_ids) for request in requests]
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
@@ -59,40 +63,29 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     if body.prompt_logprobs is not None and body.stream:
         raise APIError(400, "prompt_logprobs is not supported with stream (use echo with logprobs)",
                        param="prompt_logprobs")
-    options = engine_options(state, body, raw)
-    max_tokens = output_budget(state, body, body.max_tokens)
-    windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
+    options = sampling_options(state, body, raw)
+    max_tokens = capped_output(state, options.windowed, body.max_tokens, "max_tokens")
     num_prompts = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else len(body.prompt)
-    if options["session_id"] is not None and num_prompts > 1:
+    if options.session_id is not None and num_prompts > 1:
         raise APIError(400, "session_id takes a single prompt", param="prompt")
     state.check_capacity(num_prompts * body.n)
     echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     scored = [k for k in (echo_logprobs, body.prompt_logprobs) if k is not None]
     prompt_logprobs = max(scored) if scored else None
-    if prompt_logprobs is not None and options["session_id"] is not None:
+    if prompt_logprobs is not None and options.session_id is not None:
         raise APIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) cannot be combined with a "
                             "session: the session's cached tokens are not scored again", param="echo")
-    params = sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
-    grammar, options["compiled_grammar"] = await output_grammar(state, body, options["cache_salt"], options["tenant"])
+    params = request_sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
+    grammar, compiled = await output_grammar(state, body, options.cache_salt, options.tenant)
     params = replace(params, grammar=grammar)
-
-    def prepare() -> tuple[list[list[int]], list[str]]:
-        prompts, texts = _prompts(state, body.prompt, windowed)
-        for ids in prompts:
-            check_prompt(state, ids, params, options, "prompt")
-        return prompts, texts
-
-    prompts, prompt_texts = await run_in_threadpool(prepare)
-    check_logprob_volume(state, params, [len(ids) for ids in prompts])
-    state.check_capacity(len(prompts) * body.n)
-    await build_stop_strings(params)
+    prompts = await run_in_threadpool(_prompts, state, body.prompt, options.windowed)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
-    job = Job(request_id, header, prompts, params, options, streamed=body.stream)
+    job = await start_job(state, request_id, header, prompts, params, options, compiled, "prompt", body.stream)
+    prompt_texts = await run_in_threadpool(_prompt_texts, state, body.prompt, job.requests)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job, prompt_texts)), media_type="text/event-stream")
-    result = await until_disconnected(raw, _collect(state, body, job, prompt_texts))
-    return await json_response(result) if result is not None else Response(status_code=499)
+    return await collected_response(raw, _collect(state, body, job, prompt_texts))
 
 
 def _echo(body: CompletionRequest, choice: _Choice, prompt_ids: list[int], prompt_text: str,
@@ -135,7 +128,7 @@ def _add(choice: _Choice, out: RequestOutput) -> None:
 async def _collect(state: ServerState, body: CompletionRequest, job: Job, prompt_texts: list[str]) -> dict:
     n = job.params.n
     choices = [_Choice() for _ in range(len(job.prompts) * n)]
-    completion_tokens = cached = 0
+    counter = UsageCounter(sum(map(len, job.prompts)))
     scores: dict[int, list] = {}  # prompt index -> its prompt logprobs
     async for p, out in run_prompts(state, job):
         choice = choices[p * n + out.index]
@@ -144,15 +137,13 @@ async def _collect(state: ServerState, body: CompletionRequest, job: Job, prompt
         if not choice.echoed:
             _echo(body, choice, job.prompts[p], prompt_texts[p], scores.get(p))
         _add(choice, out)
+        counter.add(p, out)
         if out.finished:
             choice.finish_reason, choice.stop_reason = openai_finish(out)
-            completion_tokens += out.num_output_tokens
-            cached += out.num_cached_tokens if out.index == 0 else 0
     for i, choice in enumerate(choices):
         if not choice.prompt_scored and i // n in scores:
             _score_late(body, choice, job.prompts[i // n], scores[i // n])
-    return await run_in_threadpool(_response, state, body, job, choices,
-                                   usage(sum(map(len, job.prompts)), completion_tokens, cached))
+    return await run_in_threadpool(_response, state, body, job, choices, counter.total())
 
 
 def _response(state: ServerState, body: CompletionRequest, job: Job, choices: list[_Choice], totals: dict) -> dict:
@@ -170,18 +161,12 @@ def _response(state: ServerState, body: CompletionRequest, job: Job, choices: li
 async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_texts: list[str]
                   ) -> AsyncIterator[str]:
     n = job.params.n
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    extra = {"usage": None} if include_usage else {}
-    counter = UsageCounter(sum(map(len, job.prompts)))
+    chunks = ChunkStream(job.header, body.stream_options, sum(map(len, job.prompts)))
     echoed: set[int] = set()
     scores: dict[int, list] = {}  # prompt index -> its prompt logprobs
     text_offsets = [0] * (len(job.prompts) * n)
-    completion_tokens = cached = 0
     async for p, out in run_prompts(state, job):
-        counter.add(p, out)
-        if continuous_usage:
-            extra = {"usage": counter.usage()}
+        chunks.usage.add(p, out)
         index = p * n + out.index
         choice = _Choice()  # this chunk's part of the choice
         if out.prompt_logprobs:
@@ -195,14 +180,9 @@ async def _stream(state: ServerState, body: CompletionRequest, job: Job, prompt_
             logprobs = completion_logprobs(state.tokenizer, choice.logprob_token_ids, choice.logprob_entries,
                                            text_offsets[index])
         text_offsets[index] += len(choice.text)
-        if out.finished:
-            completion_tokens += out.num_output_tokens
-            cached += out.num_cached_tokens if out.index == 0 else 0
         if choice.text or out.finished or (logprobs and logprobs["tokens"]):
             finish_reason, stop_reason = openai_finish(out) if out.finished else (None, None)
-            yield sse({**job.header, "choices": [{
-                "index": index, "text": choice.text, "logprobs": logprobs,
-                "finish_reason": finish_reason, "stop_reason": stop_reason}], **extra})
-    if include_usage:
-        yield sse({**job.header, "choices": [], "usage": usage(sum(map(len, job.prompts)), completion_tokens, cached)})
-    yield SSE_DONE
+            yield chunks.chunk({"index": index, "text": choice.text, "logprobs": logprobs,
+                                "finish_reason": finish_reason, "stop_reason": stop_reason})
+    for event in chunks.end():
+        yield event

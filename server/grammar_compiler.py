@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.grammar_vocab import MAX_GRAMMAR_CHARS, PARSER_LIMITS
-from scheduler.structured_output import GrammarError, StructuredOutput
-from server.async_engine import settle
+from scheduler.structured_output import GrammarError
+from server.async_engine import AsyncEngine, settle
 from server.defaults import DEFAULT_GRAMMAR_COMPILE_TIMEOUT
 
 logger = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ class _Sandbox:
 class GrammarCompiler:
     """The server's way to a compiled grammar: the cache, else a sandbox trial and a compile."""
 
-    def __init__(self, structured_output: StructuredOutput, workers: int = DEFAULT_WORKERS,
+    def __init__(self, engine: AsyncEngine, workers: int = DEFAULT_WORKERS,
                  timeout: float = DEFAULT_COMPILE_TIMEOUT, max_grammar_bytes: int = MAX_GRAMMAR_BYTES,
                  max_queued: int = MAX_QUEUED):
-        self.structured_output = structured_output
+        self.engine = engine  # its grammar cache: cached_grammar, compile_grammar, grammar_vocabulary
         self.timeout = timeout
         self.max_grammar_bytes = max_grammar_bytes
         self.max_queued = max_queued
@@ -178,10 +178,8 @@ class GrammarCompiler:
 
     async def _start(self) -> None:
         # The vocabulary is some 0.1 s of work for 49k tokens: not on the event loop.
-        so = self.structured_output
-        vocab = await asyncio.get_running_loop().run_in_executor(None, lambda: so.vocab)
-        setup = pickle.dumps({"vocab": vocab.payload(), "n_vocab": so.vocab_size, "eos_token_ids": so.eos_token_ids,
-                              "limits": PARSER_LIMITS, "memory_bytes": SANDBOX_MEMORY_BYTES})
+        vocabulary = await asyncio.get_running_loop().run_in_executor(None, self.engine.grammar_vocabulary)
+        setup = pickle.dumps({**vocabulary, "limits": PARSER_LIMITS, "memory_bytes": SANDBOX_MEMORY_BYTES})
         slots = [(_Sandbox(setup), ThreadPoolExecutor(1, thread_name_prefix="sinkserve-compile"))
                  for _ in range(self._num_slots)]
         started = await asyncio.gather(*(sandbox.start() for sandbox, _ in slots), return_exceptions=True)
@@ -213,7 +211,7 @@ class GrammarCompiler:
         CompilerUnavailableError."""
         if len(grammar) > MAX_GRAMMAR_CHARS:
             raise GrammarError(f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters")
-        matcher = self.structured_output.cached(grammar, salt)
+        matcher = self.engine.cached_grammar(grammar, salt)
         if matcher is not None:
             return matcher
         key = (salt, grammar)
@@ -264,7 +262,7 @@ class GrammarCompiler:
                 raise GrammarError(f"the compiled grammar needs {verdict['bytes'] / 2**20:.1f} MiB, more than the "
                                    f"limit of {self.max_grammar_bytes / 2**20:g} MiB")
             matcher = await asyncio.get_running_loop().run_in_executor(
-                executor, self.structured_output.compile, job.grammar, job.salt, job.tenant, verdict["bytes"] or None)
+                executor, self.engine.compile_grammar, job.grammar, job.salt, job.tenant, verdict["bytes"] or None)
         except GrammarError as exc:
             self.num_refused += 1
             settle(job.future, error=exc)

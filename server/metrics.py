@@ -17,60 +17,46 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
                    7.5, 10.0, 20.0, 40.0, 80.0)
 
 
+GAUGE, COUNTER = GaugeMetricFamily, CounterMetricFamily
+# The engine's metrics, read from its EngineStats at each scrape: (name after "sinkserve_", kind, EngineStats
+# field, help).
+ENGINE_METRICS = (
+    ("num_requests_running", GAUGE, "num_running", "Sequences in the running batch."),
+    ("num_requests_waiting", GAUGE, "num_waiting", "Sequences waiting for admission."),
+    ("kv_blocks_used", GAUGE, "num_kv_blocks_used", "KV cache blocks held by sequences."),
+    ("kv_blocks_total", GAUGE, "num_kv_blocks_total", "KV cache blocks in the pool."),
+    ("prefix_cache_queries", COUNTER, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", COUNTER, "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("prompt_tokens", COUNTER, "num_prompt_tokens", "Prompt tokens received."),
+    ("generation_tokens", COUNTER, "num_generation_tokens", "Tokens generated."),
+    ("preemptions", COUNTER, "num_preemptions", "Requests preempted for lack of KV blocks."),
+    ("sink_evictions", COUNTER, "num_sink_evictions", "StreamingLLM evictions (a block, or a sink block's tail)."),
+    ("sessions_active", GAUGE, "num_sessions", "Long sessions holding a KV cache."),
+    ("session_reused_tokens", COUNTER, "num_session_reused_tokens", "Tokens a session request did not recompute."),
+    ("sessions_in_host_memory", GAUGE, "num_sessions_in_host", "Idle sessions whose KV cache is in host memory."),
+    ("session_host_blocks_used", GAUGE, "num_session_host_blocks_used", "Host-memory KV blocks holding idle sessions."),
+    ("session_host_blocks_total", GAUGE, "num_session_host_blocks_total", "Host-memory KV blocks for idle sessions."),
+    ("sessions_swapped_out", COUNTER, "num_sessions_swapped_out", "Idle sessions moved to host memory."),
+    ("sessions_swapped_in", COUNTER, "num_sessions_swapped_in", "Sessions copied back from host memory."),
+    ("grammars_compiled", COUNTER, "num_grammars_compiled", "Grammars compiled (cache misses)."),
+    ("grammar_cache_entries", GAUGE, "num_grammars_cached", "Compiled grammars kept for reuse."),
+    ("grammar_cache_bytes", GAUGE, "grammar_cache_bytes", "Memory of the compiled grammars kept, as measured."),
+    ("grammar_errors", COUNTER, "num_grammar_errors", "Requests ended because their grammar gave up on a token."),
+    ("grammar_timeouts", COUNTER, "num_grammar_timeouts", "Requests ended because a grammar mask overran its budget."),
+)
+
+
 class _EngineCollector:
     def __init__(self, stats: Callable[[], EngineStats], model_name: str):
         self.stats = stats
-        self.labels = {"model_name": model_name}
-
-    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(name, doc, labels=list(self.labels))
-        family.add_metric(list(self.labels.values()), value)
-        return family
-
-    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(name, doc, labels=list(self.labels))
-        family.add_metric(list(self.labels.values()), value)
-        return family
+        self.model_name = model_name
 
     def collect(self):
         stats = self.stats()
-        yield self._gauge("sinkserve_num_requests_running", "Sequences in the running batch.", stats.num_running)
-        yield self._gauge("sinkserve_num_requests_waiting", "Sequences waiting for admission.", stats.num_waiting)
-        yield self._gauge("sinkserve_kv_blocks_used", "KV cache blocks held by sequences.", stats.num_kv_blocks_used)
-        yield self._gauge("sinkserve_kv_blocks_total", "KV cache blocks in the pool.", stats.num_kv_blocks_total)
-        yield self._counter("sinkserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            stats.prefix_cache_queries)
-        yield self._counter("sinkserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                            stats.prefix_cache_hits)
-        yield self._counter("sinkserve_prompt_tokens", "Prompt tokens received.", stats.num_prompt_tokens)
-        yield self._counter("sinkserve_generation_tokens", "Tokens generated.", stats.num_generation_tokens)
-        yield self._counter("sinkserve_preemptions", "Requests preempted for lack of KV blocks.",
-                            stats.num_preemptions)
-        yield self._counter("sinkserve_sink_evictions", "StreamingLLM evictions (a block, or a sink block's tail).",
-                            stats.num_sink_evictions)
-        yield self._gauge("sinkserve_sessions_active", "Long sessions holding a KV cache.", stats.num_sessions)
-        yield self._counter("sinkserve_session_reused_tokens", "Tokens a session request did not recompute.",
-                            stats.num_session_reused_tokens)
-        yield self._gauge("sinkserve_sessions_in_host_memory", "Idle sessions whose KV cache is in host memory.",
-                          stats.num_sessions_in_host)
-        yield self._gauge("sinkserve_session_host_blocks_used", "Host-memory KV blocks holding idle sessions.",
-                          stats.num_session_host_blocks_used)
-        yield self._gauge("sinkserve_session_host_blocks_total", "Host-memory KV blocks for idle sessions.",
-                          stats.num_session_host_blocks_total)
-        yield self._counter("sinkserve_sessions_swapped_out", "Idle sessions moved to host memory.",
-                            stats.num_sessions_swapped_out)
-        yield self._counter("sinkserve_sessions_swapped_in", "Sessions copied back from host memory.",
-                            stats.num_sessions_swapped_in)
-        yield self._counter("sinkserve_grammars_compiled", "Grammars compiled (cache misses).",
-                            stats.num_grammars_compiled)
-        yield self._gauge("sinkserve_grammar_cache_entries", "Compiled grammars kept for reuse.",
-                          stats.num_grammars_cached)
-        yield self._gauge("sinkserve_grammar_cache_bytes", "Memory of the compiled grammars kept, as measured.",
-                          stats.grammar_cache_bytes)
-        yield self._counter("sinkserve_grammar_errors", "Requests ended because their grammar gave up on a token.",
-                            stats.num_grammar_errors)
-        yield self._counter("sinkserve_grammar_timeouts", "Requests ended because a grammar mask overran its budget.",
-                            stats.num_grammar_timeouts)
+        for name, family_type, field, doc in ENGINE_METRICS:
+            family = family_type(f"sinkserve_{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], getattr(stats, field))
+            yield family
 
 
 class Metrics:

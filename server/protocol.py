@@ -11,11 +11,11 @@ rest is checked by SamplingParams, and both become 400 errors naming the paramet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
-                      model_validator)
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+
+from server.protocol_base import FastList, StrictModel, Unimplemented, at_most, refusals, refuse
 
 MAX_N = 64
 MAX_PROMPTS = 2048  # prompts in one completions request, as OpenAI allows
@@ -23,60 +23,8 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
 MAX_STOP_TOKEN_IDS = 256
 
 
-def FastList(item, **constraints):  # noqa: N802 (a type)
-    """A list whose validation stops at its first bad item: one error, not one per item (a
-    hostile body of 400,000 bad items would otherwise make 400,000 error objects)."""
-    return Annotated[list[item], Field(fail_fast=True, **constraints)]
-
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,256}$"
 CACHE_SALT_MAX_CHARS = 256
-
-
-class StrictModel(BaseModel):
-    """Unknown fields are refused; a `null` field (known or not) asks for nothing and is
-    dropped, so that it takes its default, except the fields where null has a meaning."""
-
-    model_config = ConfigDict(extra="forbid")
-    _null_means_something: frozenset[str] = frozenset()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            keep = cls._null_means_something.default
-            return {key: value for key, value in data.items() if value is not None or key in keep}
-        return data
-
-
-@dataclass(frozen=True)
-class Unimplemented:
-    """A known field the server does not implement: accepted at null and at the values in
-    `accepted` (those that ask for nothing), and when `empty`, at an empty list or object (or one
-    of nulls); any other value is a 400 saying `why`."""
-
-    why: str
-    accepted: tuple = ()
-    empty: bool = False
-
-    def check(self, value: Any) -> Any:
-        asks_nothing = value is None or value in self.accepted or (self.empty and _empty(value))
-        if not asks_nothing:
-            raise ValueError(self.why)
-        return value
-
-
-def _empty(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(item is None for item in value.values())
-    return isinstance(value, list) and not value
-
-
-def refusals(table: dict[str, Unimplemented]):
-    """One field validator for every field of `table` (each protocol module's table of the fields
-    it knows but does not implement)."""
-    def check(cls, value, info):
-        return table[info.field_name].check(value)
-    return field_validator(*table)(classmethod(check))
 
 
 # The fields of completions and chat that the server does not implement.
@@ -100,13 +48,6 @@ CHAT_UNIMPLEMENTED = {
     "web_search_options": Unimplemented("web_search_options is not supported: this server does not search the web"),
     "verbosity": Unimplemented("verbosity is not supported: a reply's length is bounded by max_tokens"),
 }
-
-
-def refuse(value: Any, allowed: Any, why: str) -> Any:
-    """A field the server does not implement, accepted only at its do-nothing value."""
-    if value is not None and value != allowed:
-        raise ValueError(why)
-    return value
 
 
 MAX_TOOLS = 128  # as OpenAI allows
@@ -215,18 +156,8 @@ class SamplingFields(StrictModel):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value):
-        if value is None:
-            return None
-        if len(value) > MAX_LOGIT_BIAS:
-            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
-        bias = {}
-        for key, amount in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100 <= amount <= 100:
-                raise ValueError(f"biases must be in [-100, 100], got {amount}")
-            bias[int(key)] = float(amount)
-        return bias
+        value = at_most(value, MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries")
+        return value and {_token_id(key): _bias(amount) for key, amount in value.items()}
 
     @field_validator("best_of")
     @classmethod
@@ -242,6 +173,18 @@ class SamplingFields(StrictModel):
         if value is not None and value < -1:
             raise ValueError("top_k must be -1 (no limit) or at least 1")
         return None if value in (-1, 0) else value
+
+
+def _token_id(key: str) -> int:
+    if not key.lstrip("-").isdigit():
+        raise ValueError(f"keys must be token ids, got {key!r}")
+    return int(key)
+
+
+def _bias(amount: float) -> float:
+    if not -100 <= amount <= 100:
+        raise ValueError(f"biases must be in [-100, 100], got {amount}")
+    return float(amount)
 
 
 class CompletionRequest(SamplingFields):

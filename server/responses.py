@@ -1,5 +1,5 @@
-"""OpenAI's Responses API on top of sessions: POST /v1/responses, GET and DELETE
-/v1/responses/{id}, GET /v1/responses/{id}/input_items.
+"""OpenAI's Responses API on top of sessions: POST /v1/responses (the stored responses' routes:
+server/stored_responses.py).
 
 A response chain is a session. A response's conversation is its chain's stored messages (every
 earlier turn's input and output, found by walking `previous_response_id`) plus this request's
@@ -14,37 +14,30 @@ Storage and its bounds: server/response_store.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from model.sampling_params import SamplingParams, SamplingParamsError
-from scheduler.engine import PromptTooLongError
-from server.async_engine import EngineDeadError
+from model.sampling_params import SamplingParams
+from scheduler.input_processor import PromptTooLongError
 from server.chat_template import ChatTemplateError
 from server.errors import APIError, utf8_safe
-from server.middleware import request_tenant
+from server.job_runner import collected_response, run_prompts
 from server.response_store import Chain, StoredResponse
 from server.request_text import check_text_sizes, utf8_size
-from server.responses_protocol import MAX_ID_CHARS, ResponseRequest
-from server.serving import (Job, ServerState, cache_salt, capped_output, check_prompt, engine_api_error,
-                            json_response, run_prompts, session_key, until_disconnected)
-
-logger = logging.getLogger(__name__)
-
-_NO_SALT = SimpleNamespace(cache_salt=None)  # a response's cache salt is its API key's alone
-_background: set[asyncio.Task] = set()  # session ends under way (a reference keeps each task alive)
+from server.responses_protocol import ResponseRequest
+from server.serving import (Job, ServerState, capped_output, check_stream_options, request_options, sampling_params,
+                            session_key, start_job)
+from server.stored_responses import lookup, message_item, not_found, spawn_session_ends, text_part, using_store
+from server.streaming import stream_error
 
 
 @dataclass
@@ -65,99 +58,36 @@ class _Turn:
     stored: bool = False
 
 
-def _not_found(response_id: str, param: str | None = None, code: str | None = None) -> APIError:
-    shown = response_id[:MAX_ID_CHARS]
-    if param == "previous_response_id":
-        return APIError(404, f"Previous response with id '{shown}' not found.", param=param, code=code)
-    return APIError(404, f"No response found with id '{shown}'.", "invalid_request_error", param, code)
-
-
-def _spawn_session_ends(state: ServerState, sessions: list[str]) -> None:
-    """End sessions in the engine in the background (a request does not wait for it)."""
-    if sessions:
-        task = asyncio.ensure_future(_end_sessions(state, sessions))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-async def _end_sessions(state: ServerState, sessions: list[str]) -> None:
-    if sessions:
-        with contextlib.suppress(EngineDeadError):  # a dead engine keeps no sessions anyway
-            await state.engine.call(lambda engine: [engine.end_session(session) for session in sessions])
-
-
-def _using_store(method, *args):
-    """A call of the response store (a file or a server: it can fail): its failure is a 503 that
-    says so, never a 500 or a reply that pretends to be stored."""
-    try:
-        return method(*args)
-    except Exception as exc:  # noqa: BLE001 (sqlite3, redis, OS errors alike)
-        logger.exception("the response store failed")
-        raise APIError(503, "The response store is not available: retry later, or send store: false (a reply "
-                            "that was generated is not stored).", "service_unavailable",
-                       code="response_store_unavailable") from exc
-
-
-async def _lookup(state: ServerState, response_id: str, raw: Request) -> StoredResponse | None:
-    """The tenant's stored response (in a worker thread: the store may be a file or a server)."""
-    node, ended = await run_in_threadpool(_using_store, state.response_store.get, response_id,
-                                          request_tenant(raw.scope))
-    _spawn_session_ends(state, ended)
-    return node
-
-
 async def create_response(state: ServerState, body: ResponseRequest, raw: Request) -> Response:
     state.check_model(body.model)
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(body)
     previous = None
     if body.previous_response_id is not None:
-        previous = await _lookup(state, body.previous_response_id, raw)
+        previous = await lookup(state, body.previous_response_id, raw)
         if previous is None:
-            raise _not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
-    try:
-        windowed = state.engine.sink_policy(body.attention_sinks, body.attention_window) is not None
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="attention_window") from exc
-    params = _sampling_params(state, body, capped_output(state, windowed, body.max_output_tokens, "max_output_tokens"))
-    state.check_capacity()
+            raise not_found(body.previous_response_id, "previous_response_id", "previous_response_not_found")
     response_id = f"resp_{uuid.uuid4().hex}"
     chain = None
     if body.store:
         chain = previous.chain if previous is not None else Chain(
             session_key(raw, f"responses:{response_id[len('resp_'):]}", "previous_response_id"))
-    turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), request_tenant(raw.scope),
+    # A response's cache salt is its API key's alone; its deadline, the server's --request-timeout.
+    options = request_options(state, raw, body.attention_sinks, body.attention_window,
+                              chain.session_id if chain is not None else None, None, None)
+    params = sampling_params(state, body, capped_output(state, options.windowed, body.max_output_tokens,
+                                                        "max_output_tokens"))
+    state.check_capacity()
+    turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), options.tenant,
                  previous, chain, tuple((f"msg_{uuid.uuid4().hex}", role, text) for role, text in body.messages()),
                  params.temperature, params.top_p)
-    timeout = state.request_timeout
-    options = {"attention_sinks": body.attention_sinks, "attention_window": body.attention_window,
-               "session_id": chain.session_id if chain is not None else None,
-               "cache_salt": cache_salt(state, raw, _NO_SALT), "tenant": turn.tenant,
-               "deadline": time.monotonic() + timeout if timeout else None}
-    prompt = await run_in_threadpool(_prompt, state, turn, params, options, windowed)
-    state.check_capacity()
-    turn.job = Job(response_id, {}, [prompt], params, options, streamed=body.stream)
+    prompt = await run_in_threadpool(_prompt, state, turn, params, options.windowed)
+    turn.job = await start_job(state, response_id, {}, [prompt], params, options, None, "input", body.stream)
     if body.stream:
         return StreamingResponse(_stream(state, turn), media_type="text/event-stream")
-    payload = await until_disconnected(raw, _collect(state, turn))
-    return await json_response(payload) if payload is not None else Response(status_code=499)
+    return await collected_response(raw, _collect(state, turn))
 
 
-def _sampling_params(state: ServerState, body: ResponseRequest, max_tokens: int | None) -> SamplingParams:
-    def pick(name: str, fallback):
-        value = getattr(body, name, None)
-        return value if value is not None else state.generation.sampling.get(name, fallback)
-
-    try:
-        return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-                              top_k=pick("top_k", None), min_p=pick("min_p", 0.0),
-                              repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens,
-                              default_max_tokens=state.default_max_tokens)
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), param=exc.param) from exc
-
-
-def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: dict, windowed: bool) -> list[int]:
+def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, windowed: bool) -> list[int]:
     """The conversation's prompt tokens (in a worker thread): the chain's history, this
     request's input, this request's instructions first; checked against the chain's bound
     and the context, with the oldest messages dropped to fit under `truncation: "auto"`."""
@@ -188,13 +118,12 @@ def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, options: di
                        code="response_chain_too_long")
     if not windowed and body.truncation == "auto" and not _fits(state, prompt, params):
         prompt = _truncated(state, messages, encode, params)
-    check_prompt(state, prompt, params, options, "input")
-    return prompt
+    return prompt  # checked by the input processor (serving.start_job)
 
 
 def _fits(state: ServerState, prompt: list[int], params: SamplingParams) -> bool:
     try:
-        state.engine.check_prompt(prompt, params, None)
+        state.engine.input_processor.check_prompt(prompt, params, None)
     except PromptTooLongError:
         return False
     except ValueError:
@@ -228,19 +157,10 @@ def _truncated(state: ServerState, messages: list[tuple[str, str]], encode, para
 # -- response objects ------------------------------------------------------------------------
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _message_item(message_id: str, status: str, text: str | None) -> dict:
-    return {"id": message_id, "type": "message", "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
-
-
 def _usage(turn: _Turn, output_tokens: int, cached: int) -> dict:
     input_tokens = len(turn.job.prompts[0])
     # What this turn wrote into its chain's session, for the next turn: the input tokens it computed.
-    written = input_tokens - cached if turn.job.options["session_id"] is not None else 0
+    written = input_tokens - cached if turn.job.requests[0].session_id is not None else 0
     return {"input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -284,14 +204,14 @@ def _finish(state: ServerState, turn: _Turn, text: str, finish_reason: str | Non
     long); and the sessions that storing it ended."""
     status, reason = _outcome(finish_reason)
     item_status = "completed" if status == "completed" else "incomplete"
-    payload = _response_object(state, turn, status, output=[_message_item(turn.message_id, item_status, text)],
+    payload = _response_object(state, turn, status, output=[message_item(turn.message_id, item_status, text)],
                                usage=_usage(turn, output_tokens, cached), incomplete=reason)
     ended: list[str] = []
     if turn.chain is not None:
         fields = {key: value for key, value in payload.items() if key not in ("instructions", "output")}
         node = StoredResponse(turn.response_id, turn.tenant, turn.chain, turn.previous, turn.input_items,
                               turn.body.instructions, text, turn.message_id, fields)
-        ended = _using_store(state.response_store.add, node)
+        ended = using_store(state.response_store.add, node)
         turn.stored = True
     return payload, ended
 
@@ -300,7 +220,7 @@ def _abandon(state: ServerState, turn: _Turn) -> None:
     """A turn that ended without a stored response (the client left, or an error): a chain it
     would have started has nothing to continue from, so its session goes too."""
     if turn.chain is not None and turn.previous is None and not turn.stored:
-        _spawn_session_ends(state, [turn.chain.session_id])
+        spawn_session_ends(state, [turn.chain.session_id])
 
 
 async def _collect(state: ServerState, turn: _Turn) -> dict:
@@ -315,7 +235,7 @@ async def _collect(state: ServerState, turn: _Turn) -> dict:
                                                  cached)
     finally:
         _abandon(state, turn)
-    _spawn_session_ends(state, ended)
+    spawn_session_ends(state, ended)
     return payload
 
 
@@ -348,9 +268,9 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
     for event in opening:
         yield event
     yield _event("response.output_item.added", next(sequence), output_index=0,
-                 item=_message_item(message_id, "in_progress", None))
+                 item=message_item(message_id, "in_progress", None))
     yield _event("response.content_part.added", next(sequence), item_id=message_id, output_index=0, content_index=0,
-                 part=_text_part(""))
+                 part=text_part(""))
     parts: list[str] = []
     finish_reason, output_tokens, cached = None, 0, 0
     try:
@@ -367,19 +287,16 @@ async def _stream_events(state: ServerState, turn: _Turn) -> AsyncIterator[str]:
         events, ended = await run_in_threadpool(_final_events, state, turn, "".join(parts), finish_reason,
                                                 output_tokens, cached, first)
     except Exception as exc:  # the headers are sent: the error travels inside the stream
-        error = exc if isinstance(exc, APIError) else engine_api_error(exc)
-        if error is None:
-            logger.exception("response stream failed")
-            error = APIError(500, "The server had an error while processing the request.", "internal_error")
+        error = stream_error(exc)
         yield _event("error", next(sequence), code=error.code or error.type, message=error.message, param=error.param)
-        item = _message_item(message_id, "incomplete", "".join(parts))
+        item = message_item(message_id, "incomplete", "".join(parts))
         failed = _response_object(state, turn, "failed", output=[item],
                                   error={"code": "server_error", "message": error.message})
         yield _event("response.failed", next(sequence), response=failed)
         return
     for event in events:
         yield event
-    _spawn_session_ends(state, ended)
+    spawn_session_ends(state, ended)
 
 
 def _final_events(state: ServerState, turn: _Turn, text: str, finish_reason: str | None, output_tokens: int,
@@ -389,71 +306,10 @@ def _final_events(state: ServerState, turn: _Turn, text: str, finish_reason: str
     ids = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
     events = [
         _event("response.output_text.done", first, **ids, text=text, logprobs=[]),
-        _event("response.content_part.done", first + 1, **ids, part=_text_part(text)),
+        _event("response.content_part.done", first + 1, **ids, part=text_part(text)),
         _event("response.output_item.done", first + 2, output_index=0, item=item),
         _event(f"response.{payload['status']}", first + 3, response=payload),
     ]
     return events, ended
 
 
-# -- stored responses ------------------------------------------------------------------------
-
-
-def _stored_object(node: StoredResponse) -> dict:
-    status = "completed" if node.fields["status"] == "completed" else "incomplete"
-    return {**node.fields, "instructions": node.instructions,
-            "output": [_message_item(node.message_id, status, node.output_text)]}
-
-
-async def retrieve_response(state: ServerState, response_id: str, raw: Request, stream: bool,
-                            include: list[str] | None) -> Response:
-    if stream:
-        raise APIError(400, "stream is not supported when retrieving a response: responses are not run in the "
-                            "background", param="stream")
-    if include:
-        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = await _lookup(state, response_id, raw)
-    if node is None:
-        raise _not_found(response_id)
-    return await json_response(await run_in_threadpool(_stored_object, node))
-
-
-async def delete_response(state: ServerState, response_id: str, raw: Request) -> dict:
-    """Forget a response; if its chain's session holds its turn (it was the chain's head), or
-    it was the chain's last response kept, the session's cache ends too."""
-    deleted, ended = await run_in_threadpool(_using_store, state.response_store.delete, response_id,
-                                             request_tenant(raw.scope))
-    await _end_sessions(state, ended)
-    if not deleted:
-        raise _not_found(response_id)
-    return {"id": response_id, "object": "response", "deleted": True}
-
-
-def _input_item(item_id: str, role: str, text: str) -> dict:
-    if role == "assistant":
-        return {"id": item_id, "type": "message", "status": "completed", "role": role, "content": [_text_part(text)]}
-    return {"id": item_id, "type": "message", "status": "completed", "role": role,
-            "content": [{"type": "input_text", "text": text}]}
-
-
-async def list_input_items(state: ServerState, response_id: str, raw: Request, after: str | None, limit: int,
-                           order: str, include: list[str] | None) -> Response:
-    if include:
-        raise APIError(400, "include is not supported: none of its fields can be filled", param="include")
-    node = await _lookup(state, response_id, raw)
-    if node is None:
-        raise _not_found(response_id)
-
-    def page() -> dict:
-        items = list(node.input_items) if order == "asc" else list(reversed(node.input_items))
-        start = 0
-        if after is not None:
-            ids = [item_id for item_id, _, _ in items]
-            if after not in ids:
-                raise APIError(400, f"No input item with id '{after[:MAX_ID_CHARS]}' in this response.", param="after")
-            start = ids.index(after) + 1
-        data = [_input_item(*item) for item in items[start:start + limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}
-
-    return await json_response(await run_in_threadpool(page))

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from model.tokenizers.tokenizer import replace_lone_surrogates
-from server.protocol import SAMPLING_UNIMPLEMENTED, FastList, StrictModel, Unimplemented, refuse, refusals
+from server.protocol import SAMPLING_UNIMPLEMENTED
+from server.protocol_base import FastList, StrictModel, Unimplemented, at_most, refuse, refusals
 
 MAX_INPUT_ITEMS = 2048  # messages in one request's input
 MAX_CONTENT_PARTS = 256  # text parts in one message
@@ -70,6 +71,11 @@ def _check_parts(content) -> None:
             if isinstance(kind, str) and kind not in _TEXT_PARTS:
                 raise ValueError(f"content parts of type {kind[:64]!r} are not supported: text only "
                                  "(input_text, and output_text in assistant messages)")
+
+
+def _bounded(text: str, max_chars: int, what: str) -> None:
+    if len(text) > max_chars:
+        raise ValueError(f"{what} are at most {max_chars} characters")
 
 
 ContentPart = Annotated[InputTextPart | OutputTextPart, Field(discriminator="type")]
@@ -185,15 +191,10 @@ class ResponseRequest(StrictModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value):
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs, got {len(value)}")
-        for key, item in value.items():
-            if len(key) > MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters")
-            if len(item) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters")
+        at_most(value, MAX_METADATA_PAIRS, f"at most {MAX_METADATA_PAIRS} key-value pairs, got {{count}}")
+        for key, item in (value or {}).items():
+            _bounded(key, MAX_METADATA_KEY_CHARS, "keys")
+            _bounded(item, MAX_METADATA_VALUE_CHARS, "values")
         return value
 
     @field_validator("text")

@@ -2,9 +2,9 @@
 
 Every format writes a call as a JSON object holding the tool's name and its arguments object, and groups calls in
 blocks that open with a marker. A parser splits a whole output into its content and its calls (`extract`), follows
-an output as it streams (`streamer`), and writes the llguidance Lark grammar that holds a model to calls in its
-format (`grammar`). `TOOL_PARSERS` maps each format's name to its parser; a new format is a `ToolParser` subclass
-added there.
+an output as it streams (`streamer`: server/tool_call_streamer.py), and writes the llguidance Lark grammar that
+holds a model to calls in its format (`grammar`). `TOOL_PARSERS` maps each format's name to its parser; a new
+format is a `ToolParser` subclass added there.
 """
 
 from __future__ import annotations
@@ -12,31 +12,14 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 from server.strict_schema import strict_schema
+from server.tool_call_streamer import ToolCallStreamer
+from server.tool_call_text import WS, ToolCall
 
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # the JSON text of the arguments object, as the model wrote it
-
-
-@dataclass
-class ToolCallDelta:
-    index: int  # which call of the output: 0, 1, ...
-    name: str | None  # on a call's first delta only
-    arguments: str  # the next fragment of the call's arguments text
-
-
-_WHITESPACE = " \t\n\r"  # JSON's
-_WS = rf"[{_WHITESPACE}]*"
-_SKIP_WHITESPACE = re.compile(_WS)
+_SKIP_WHITESPACE = re.compile(WS)
 _DECODER = json.JSONDecoder()
-# A call object's opening up to its complete name string: where a streamed call's name is known.
-_NAME_HEAD = re.compile(rf'\{{{_WS}"name"{_WS}:{_WS}("(?:[^"\\]|\\.)*")')
 
 
 def _skip_whitespace(text: str, i: int) -> int:
@@ -123,7 +106,7 @@ class ToolParser(ABC):
         """The whole output -> its content outside the calls (stripped; None when empty) and its calls."""
         content, calls, pos, at_output_start = [], [], 0, True
         while True:
-            start, calls_start = self._block_opening(text[pos:], at_output_start)
+            start, calls_start = self.block_opening(text[pos:], at_output_start)
             at_output_start = False
             if calls_start is None:
                 break
@@ -192,7 +175,7 @@ class ToolParser(ABC):
         """What follows `call_opener` in a block this format writes: its call(s) and its end."""
         raise NotImplementedError
 
-    def _block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
+    def block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
         """Where the first block opens in text (the rest of an output; `at_output_start` when it is all of it):
         (its start, where its calls begin), or (how much of text surely opens no block, None)."""
         start = text.find(self.block_start)
@@ -209,7 +192,7 @@ class ToolParser(ABC):
         if self.block_end and text.startswith(self.block_end, empty_end):
             return [], empty_end + len(self.block_end)
         calls, end = [], i
-        while (found := self._call_at(text, _skip_whitespace(text, i))) is not None:
+        while (found := self.call_at(text, _skip_whitespace(text, i))) is not None:
             call, end = found
             calls.append(call)
             i = _skip_whitespace(text, end)
@@ -223,7 +206,7 @@ class ToolParser(ABC):
             break
         return (calls, end) if calls else None
 
-    def _call_at(self, text: str, start: int) -> tuple[ToolCall, int] | None:
+    def call_at(self, text: str, start: int) -> tuple[ToolCall, int] | None:
         """The call whose JSON object starts at text[start] and the index past it; None when there is none."""
         parsed = _object_members(text, start)
         if parsed is None:
@@ -299,7 +282,7 @@ class Llama3JsonToolParser(ToolParser):
                 f"TEXT: /(?s:.*)/ & ~/{space}(<\\|python_tag\\|>{space})?\\{{(?s:.*)/\n"
                 f"call: %json {json.dumps(self._call_schema(tools, strict_only=True))}\n")
 
-    def _block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
+    def block_opening(self, text: str, at_output_start: bool) -> tuple[int, int | None]:
         if not at_output_start:
             return len(text), None
         rest = text.lstrip()
@@ -324,249 +307,3 @@ def tool_parser(name: str) -> ToolParser:
         return TOOL_PARSERS[name]()
     except KeyError:
         raise ValueError(f"unknown tool parser {name!r}; known: {', '.join(sorted(TOOL_PARSERS))}") from None
-
-
-class _JsonObjectEnd:
-    """Finds where a JSON object ends in its text fed piece by piece from its opening brace: tracks strings, escapes
-    and brace depth (nothing else of the JSON is checked)."""
-
-    def __init__(self) -> None:
-        self.length = 0  # how much of the object's text has been read
-        self.complete = False  # whether its closing brace has been read
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-
-    def feed(self, text: str) -> int:
-        """Reads text up to the object's closing brace at most; returns how many characters it read."""
-        for i, char in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-            elif char == '"':
-                self._in_string = True
-            elif char == "{":
-                self._depth += 1
-            elif char == "}":
-                self._depth -= 1
-                if self._depth == 0:
-                    self.length += i + 1
-                    self.complete = True
-                    return i + 1
-        self.length += len(text)
-        return len(text)
-
-
-class _CallReader:
-    """One call object read as it streams: its text up to its closing brace, its name once the name string is
-    complete (when "name" is its first key), and its arguments object when that comes right after the name."""
-
-    def __init__(self, arguments_head: re.Pattern[str]) -> None:
-        self.text = ""
-        self.name: str | None = None
-        self.arguments_start: int | None = None  # where the arguments object starts in text
-        self._arguments_head = arguments_head
-        self._name_end = 0
-        self._object = _JsonObjectEnd()
-        self._arguments = _JsonObjectEnd()
-        self._sent = 0  # where the arguments text not yet taken starts
-
-    @property
-    def complete(self) -> bool:
-        return self._object.complete
-
-    def feed(self, text: str) -> int:
-        """Reads text up to the object's end at most; returns how many characters it read."""
-        read = self._object.feed(text)
-        self.text += text[:read]
-        # A name is at most 64 characters: the head is looked for in the call's first 256, so
-        # a call whose name string never closes costs O(1) per push, not a rescan.
-        if self.name is None and (head := _NAME_HEAD.match(self.text[:256])):
-            try:
-                self.name = json.loads(head[1])
-                self._name_end = head.end()
-            except ValueError:
-                pass
-        if self.name is not None and self.arguments_start is None:
-            if head := self._arguments_head.match(self.text, self._name_end):
-                self.arguments_start = self._sent = head.end() - 1
-        if self.arguments_start is not None and not self._arguments.complete:
-            self._arguments.feed(self.text[self.arguments_start + self._arguments.length:])
-        return read
-
-    def new_arguments(self) -> str:
-        """The arguments text read since the last time, up to the arguments object's closing brace."""
-        if self.arguments_start is None:
-            return ""
-        stop = self.arguments_start + self._arguments.length
-        fragment, self._sent = self.text[self._sent:stop], stop
-        return fragment
-
-
-_CONTENT, _CALL_START, _CALL, _AFTER_CALL = "content", "call start", "call", "after call"
-
-
-class ToolCallStreamer:
-    """Follows one output of a format as it streams. Content is passed on once it surely opens no block (without the
-    output's leading and trailing whitespace, so that it joins up to extract()'s content); a block is held until its
-    first call's name is read, and becomes content if it turns out to be none. From a call's name on, the call is
-    streamed: its name, then its arguments text in fragments as they arrive. `calls` holds the complete,
-    well-formed calls streamed; a call streamed but cut off or malformed after its name is not among them.
-    """
-
-    def __init__(self, parser: ToolParser) -> None:
-        self.calls: list[ToolCall] = []
-        self._parser = parser
-        # the rest of a call object's opening, from its name to its arguments object's opening brace
-        self._arguments_head = re.compile(rf'{_WS},{_WS}"(?:{"|".join(parser.arguments_keys)})"{_WS}:{_WS}\{{')
-        self._state = _CONTENT
-        self._text = ""  # received and not yet read by the state
-        self._finishing = False
-        self._at_output_start = True  # nothing read yet
-        self._opening: str | None = None  # the open block's marker text while none of its calls is streamed
-        self._since_call = ""  # the block's text read since its opening or its last call (not the call being read)
-        self._reader = _CallReader(self._arguments_head)
-        self._index = -1  # the index of the call streamed last
-        self._content_begun = False
-        self._held_whitespace = ""
-        self._content: list[str] = []
-        self._deltas: list[ToolCallDelta] = []
-
-    def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        """The next text of the output -> the content and the call deltas that it makes certain."""
-        self._text += text
-        while self._advance():
-            pass
-        return self._take()
-
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        """The end of the output: what was held, resolved (held text that opens no call is content)."""
-        self._finishing = True
-        while self._advance():
-            pass
-        return self._take()
-
-    def _advance(self) -> bool:
-        """Reads what the state can of the received text; False when it waits for more (or, finishing, is done)."""
-        parser = self._parser
-        if self._state is _CONTENT:
-            start, calls_start = parser._block_opening(self._text, self._at_output_start)
-            if calls_start is None:
-                start = len(self._text) if self._finishing else start
-                self._at_output_start = self._at_output_start and start == 0
-                self._send_content(self._text[:start])
-                self._text = self._text[start:]
-                return False
-            self._at_output_start = False
-            self._send_content(self._text[:start])
-            self._opening, self._since_call = self._text[start:calls_start], ""
-            self._text = self._text[calls_start:]
-            self._state = _CALL_START
-            return True
-        if self._state is _CALL_START:
-            call, end = self._text.lstrip(_WHITESPACE), parser.block_end
-            if not call and not self._finishing:
-                return False
-            if self._opening is not None and end and call.startswith(end):  # an empty block
-                self._text, self._opening = call[len(end):], None
-                self._state = _CONTENT
-                return True
-            if self._opening is not None and end.startswith(call) and not self._finishing:
-                return False
-            if not call.startswith("{"):
-                return self._fail()
-            self._since_call += self._text[:len(self._text) - len(call)]
-            self._text = call
-            self._reader = _CallReader(self._arguments_head)
-            self._state = _CALL
-            return True
-        if self._state is _CALL:
-            return self._read_call()
-        return self._read_after_call()
-
-    def _read_call(self) -> bool:
-        reader = self._reader
-        named = reader.name is not None
-        self._text = self._text[reader.feed(self._text):]
-        if reader.name is not None:
-            if not named:
-                self._begin_call(reader.name)
-            self._send_arguments(reader.new_arguments())
-        if reader.complete:
-            return self._end_call()
-        if self._finishing and reader.name is None:
-            return self._fail()
-        return False  # waiting, or the output ended inside a streamed call: it is left incomplete
-
-    def _end_call(self) -> bool:
-        reader = self._reader
-        found = self._parser._call_at(reader.text, 0)
-        call = found[0] if found else None
-        if reader.name is None:
-            if call is None:
-                return self._fail()
-            self._begin_call(call.name)
-        if call is not None:
-            if reader.arguments_start is None:
-                self._send_arguments(call.arguments)
-            self.calls.append(call)
-        self._since_call = ""
-        self._state = _AFTER_CALL
-        return True
-
-    def _read_after_call(self) -> bool:
-        separator, end = self._parser.call_separator, self._parser.block_end
-        rest = self._text.lstrip(_WHITESPACE)
-        if not rest and not self._finishing:
-            return False
-        if separator and rest.startswith(separator):
-            self._since_call = self._text[:len(self._text) - len(rest) + len(separator)]
-            self._text = rest[len(separator):]
-            self._state = _CALL_START
-            return True
-        if rest.startswith(end) or (self._finishing and end.startswith(rest)):  # closed, or the output ended there
-            self._text = rest[len(end):]
-        elif not self._finishing and (end.startswith(rest) or (separator and separator.startswith(rest))):
-            return False
-        self._state = _CONTENT  # what follows does not continue the block: it is content
-        return True
-
-    def _fail(self) -> bool:
-        """The open block does not go on: its text since its opening (or its last streamed call) is content."""
-        if self._opening is not None:
-            self._send_content(self._opening)
-        self._text = self._since_call + (self._reader.text if self._state is _CALL else "") + self._text
-        self._opening, self._since_call = None, ""
-        self._state = _CONTENT
-        return True
-
-    def _begin_call(self, name: str) -> None:
-        self._opening, self._since_call = None, ""  # streamed: the block can no longer turn out to be content
-        self._index += 1
-        self._deltas.append(ToolCallDelta(self._index, name, ""))
-
-    def _send_arguments(self, fragment: str) -> None:
-        if not fragment:
-            return
-        if self._deltas and self._deltas[-1].index == self._index:
-            self._deltas[-1].arguments += fragment
-        else:
-            self._deltas.append(ToolCallDelta(self._index, None, fragment))
-
-    def _send_content(self, text: str) -> None:
-        """Sends content without the output's leading whitespace, holding whitespace until more content follows."""
-        text = self._held_whitespace + text if self._content_begun else text.lstrip()
-        sent = text.rstrip()
-        self._held_whitespace = text[len(sent):]
-        if sent:
-            self._content_begun = True
-            self._content.append(sent)
-
-    def _take(self) -> tuple[str, list[ToolCallDelta]]:
-        content, deltas = "".join(self._content), self._deltas
-        self._content, self._deltas = [], []
-        return content, deltas

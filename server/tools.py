@@ -24,7 +24,8 @@ from scheduler.structured_output import lark_grammar
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessage
 from server.structured_outputs import response_format_schema
-from server.tool_parsers import ToolCallDelta, ToolParser
+from server.tool_call_text import ToolCallDelta
+from server.tool_parsers import ToolParser
 
 
 def template_tools(body: ChatCompletionRequest) -> list[dict] | None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
+from scheduler.engine_request import EngineRequest
 from server.async_engine import RequestFailedError
 from server.metrics import Metrics
 from server.response_store import Chain, MemoryResponseStore, ResponseStore, StoredResponse
@@ -148,7 +149,7 @@ def test_an_engine_error_mid_stream_ends_it_with_error_and_response_failed():
                             response_store=MemoryResponseStore())
     body = ResponseRequest(input="hi", store=False)
     turn = _Turn(body, "resp_1", "msg_1", 0, None, None, None, (("msg_0", "user", "hi"),), 1.0, 1.0)
-    turn.job = Job("resp_1", {}, [[1, 2]], SimpleNamespace(n=1), {}, streamed=True)
+    turn.job = Job("resp_1", {}, [EngineRequest("resp_1-0", [1, 2], SimpleNamespace(n=1))], streamed=True)
 
     async def run() -> list[str]:
         return [event async for event in _stream(state, turn)]

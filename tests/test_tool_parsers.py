@@ -6,7 +6,8 @@ import random
 import llguidance
 import pytest
 
-from server.tool_parsers import TOOL_PARSERS, ToolCall, ToolCallDelta, tool_parser
+from server.tool_call_text import ToolCall, ToolCallDelta
+from server.tool_parsers import TOOL_PARSERS, tool_parser
 
 # Arguments that trip naive parsing: braces, brackets, quotes, escapes, backslashes and the markers inside strings.
 TRICKY = json.dumps({"q": 'a } { [ ] " \\" </tool_call> ]</tool_call> ; <tool_call>[ \\', "n": {"l": [1, {"d": {}}]},
