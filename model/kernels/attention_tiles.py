@@ -61,9 +61,7 @@ def load_sink_layout(sink_lens_ptr, sink_gaps_ptr, seq, HAS_GAPS: tl.constexpr, 
 
 @triton.jit
 def _attend_key_tile(
-    q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
-    offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head, offs_d, scale, pool,
     BLOCK_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_TILE: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -72,7 +70,10 @@ def _attend_key_tile(
 
     q [R, D] scores the keys; with SINK_TILE, q_sink [R, D] scores the keys j < sink_len
     instead (the tile holds sinks). `allowed` [R, N] (or [1, N]) says which keys each row may
-    see."""
+    see. `pool`: the K/V pool's pointers and strides (`pool_args`)."""
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr = pool[0], pool[1], pool[2], pool[3]
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch = (pool[4], pool[5], pool[6], pool[7],
+                                                                              pool[8], pool[9])
     block, offset = _key_slots(table_row, j, valid, sink_len, sink_gap, BLOCK_SIZE, HAS_GAPS)
     k_off = block * stride_kcb + offset * stride_kcs + kv_head * stride_kch  # [N]
     v_off = block * stride_vcb + offset * stride_vcs + kv_head * stride_vch  # [N]
@@ -103,10 +104,17 @@ def _attend_key_tile(
 
 
 @triton.jit
-def attend_key_range(
-    q, q_sink, m_i, l_i, acc, lo, hi, key_end, pos, table_row, sink_len, sink_gap, kv_head,
-    offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+def pool_args(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+              stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch):
+    """The K/V pool as the tile functions take it: its pointers, then its block, slot and head
+    strides for K, then for V."""
+    return (k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch)
+
+
+@triton.jit
+def _attend_key_range(
+    q, q_sink, m_i, l_i, acc, lo, hi, key_end, pos, table_row, sink_len, sink_gap, kv_head, offs_d, scale, pool,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_TILE: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -121,9 +129,30 @@ def attend_key_range(
             allowed = valid[None, :] & (j[None, :] <= pos[:, None])  # [R, N]; key 0 in tile 0
         else:
             allowed = valid[None, :]  # [1, N]
-        m_i, l_i, acc = _attend_key_tile(
-            q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap, kv_head,
-            offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_SIZE, HAS_GAPS, SINK_TILE, IEEE, UPCAST, KV_INT8, HEAD_DIM)
+        m_i, l_i, acc = _attend_key_tile(q, q_sink, m_i, l_i, acc, j, valid, allowed, table_row, sink_len, sink_gap,
+                                         kv_head, offs_d, scale, pool, BLOCK_SIZE, HAS_GAPS, SINK_TILE, IEEE, UPCAST,
+                                         KV_INT8, HEAD_DIM)
     return m_i, l_i, acc
+
+
+@triton.jit
+def attend_keys(
+    q, q_sink, m_i, l_i, acc, start, key_end, pos, table_row, sink_len, sink_gap, kv_head, offs_d, scale, pool,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_GAPS: tl.constexpr, SINK_QUERY: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Online softmax over the keys start .. key_end - 1 of one sequence and KV head, in tiles of
+    BLOCK_N from `start`: with SINK_QUERY the tiles that hold sinks are scored by q and q_sink
+    (the sinks by q_sink), the others by q alone. Every tile holds a key each row may see (the
+    callers' ranges start at key 0 or within the rows' context). CAUSAL and pos as in
+    `_attend_key_range`."""
+    sink_end = start
+    if SINK_QUERY:
+        sink_end = sink_tiles_end(start, key_end, sink_len, BLOCK_N)
+        m_i, l_i, acc = _attend_key_range(q, q_sink, m_i, l_i, acc, start, sink_end, key_end, pos, table_row,
+                                          sink_len, sink_gap, kv_head, offs_d, scale, pool, BLOCK_N, BLOCK_SIZE,
+                                          HAS_GAPS, True, CAUSAL, IEEE, UPCAST, KV_INT8, HEAD_DIM)
+    return _attend_key_range(q, q, m_i, l_i, acc, sink_end, key_end, key_end, pos, table_row, sink_len, sink_gap,
+                             kv_head, offs_d, scale, pool, BLOCK_N, BLOCK_SIZE, HAS_GAPS, False, CAUSAL, IEEE, UPCAST,
+                             KV_INT8, HEAD_DIM)

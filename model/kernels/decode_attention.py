@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from model.kernels.attention_tiles import attend_key_range, load_sink_layout, sink_tiles_end
+from model.kernels.attention_tiles import attend_keys, load_sink_layout, pool_args
 
 
 @triton.jit
@@ -54,26 +54,16 @@ def decode_kernel(
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")  # running max [R]
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum-exp [R]
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)  # [R, D]
+    q_sink = q
     if SINK_QUERY:
-        # The partition's tiles that hold sinks, scored by q and q_sink; no causal mask (pos unread).
         q_sink_ptrs = q_sink_ptr + seq * stride_qst + heads[:, None] * stride_qsh + offs_d[None, :]  # [R, D]
         q_sink = tl.load(q_sink_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
-        sink_end = sink_tiles_end(start, end, sink_len, BLOCK_N)
-        m_i, l_i, acc = attend_key_range(
-            q, q_sink, m_i, l_i, acc, start, sink_end, end, start, table_row, sink_len, sink_gap, kv_head,
-            offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=True, CAUSAL=False, IEEE=IEEE, UPCAST=UPCAST,
-            KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
-    else:
-        sink_end = start
-    # Every tile has a valid key; every row sees all of the partition's keys (pos, here `start`, is unread).
-    m_i, l_i, acc = attend_key_range(
-        q, q, m_i, l_i, acc, sink_end, end, end, start, table_row, sink_len, sink_gap, kv_head,
-        offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-        BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=False, CAUSAL=False, IEEE=IEEE, UPCAST=UPCAST,
-        KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
+    # Every row sees all of the partition's keys: no causal mask (pos, here `start`, is unread).
+    pool = pool_args(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch)
+    m_i, l_i, acc = attend_keys(q, q_sink, m_i, l_i, acc, start, end, start, table_row, sink_len, sink_gap, kv_head,
+                                offs_d, scale, pool, BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_QUERY, False, IEEE, UPCAST,
+                                KV_INT8, HEAD_DIM)
 
     if SINGLE:
         out = acc / l_i[:, None]  # [R, D]

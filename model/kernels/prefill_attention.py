@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from model.kernels.attention_tiles import attend_key_range, load_sink_layout, sink_tiles_end
+from model.kernels.attention_tiles import attend_keys, load_sink_layout, pool_args
 
 
 @triton.jit
@@ -60,27 +60,17 @@ def prefill_kernel(
     m_i = tl.zeros([ROWS], dtype=tl.float32) - float("inf")  # [R]
     l_i = tl.zeros([ROWS], dtype=tl.float32)  # [R]
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)  # [R, D]
+    q_sink = q
     if SINK_QUERY:
-        # The tiles that hold sinks, scored by q and q_sink.
         q_sink_ptrs = (q_sink_ptr + token[:, None] * stride_qst + heads[:, None] * stride_qsh
                        + offs_d[None, :])  # [R, D]
         q_sink = tl.load(q_sink_ptrs, mask=row_valid[:, None], other=0.0)  # [R, D]
-        sink_end = sink_tiles_end(0, key_end, sink_len, BLOCK_N)
-        m_i, l_i, acc = attend_key_range(
-            q, q_sink, m_i, l_i, acc, 0, sink_end, key_end, pos, table_row, sink_len, sink_gap, kv_head,
-            offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=True, CAUSAL=True, IEEE=IEEE, UPCAST=UPCAST,
-            KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
-    else:
-        sink_end = 0
     # Causal by cache position.
-    m_i, l_i, acc = attend_key_range(
-        q, q, m_i, l_i, acc, sink_end, key_end, key_end, pos, table_row, sink_len, sink_gap, kv_head,
-        offs_d, scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-        BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_TILE=False, CAUSAL=True, IEEE=IEEE, UPCAST=UPCAST,
-        KV_INT8=KV_INT8, HEAD_DIM=HEAD_DIM)
+    pool = pool_args(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch)
+    m_i, l_i, acc = attend_keys(q, q_sink, m_i, l_i, acc, 0, key_end, pos, table_row, sink_len, sink_gap, kv_head,
+                                offs_d, scale, pool, BLOCK_N, BLOCK_SIZE, HAS_GAPS, SINK_QUERY, True, IEEE, UPCAST,
+                                KV_INT8, HEAD_DIM)
 
     out = acc / l_i[:, None]  # [R, D]
     out_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
