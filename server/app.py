@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from model.tokenizers.tokenizer import Tokenizer, replace_lone_surrogates
 from server.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
-from server.chat import chat_prompt, create_chat_completion
+from server.chat import create_chat_completion, render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, error_response, install_error_handlers
 from server.generation_config import API_SAMPLING_DEFAULTS
@@ -144,7 +144,7 @@ def build_app(state: ServerState, api_keys: list[str] | None = None, cors_origin
         if body.tools and body.messages is None:
             raise APIError(400, "tools are rendered with messages only", param="tools")
         if body.messages is not None:
-            tokens = await chat_prompt(state, body)
+            tokens = await run_in_threadpool(render_chat_prompt, state, body)
         else:
             tokens = await run_in_threadpool(tokenize_text, state.tokenizer, body.prompt, body.add_special_tokens)
         return await json_response({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})

@@ -18,27 +18,23 @@ from server.logprobs import chat_logprobs, logprobs_of_text, prompt_logprobs_lis
 from server.protocol import ChatCompletionRequest
 from server.request_text import chat_text_sizes, check_text_sizes
 from server.serving import (Job, ServerState, capped_output, check_stream_options, request_sampling_params,
-                            sampling_options, start_job)
+                            prepare_job, sampling_options)
 from server.streaming import ChunkStream, UsageCounter, guarded
 from server.structured_outputs import output_grammar
 from server.tools import ToolCallStream, parses_calls, reply_message, template_message, template_tools, tool_grammar
 
 
-async def chat_prompt(state: ServerState, body) -> list[int]:
-    """The rendered and tokenized messages and tools (in a worker thread; their size is
-    checked before: check_chat_text)."""
-
-    def render() -> list[int]:
-        messages = [template_message(m) for m in body.messages]
-        tools = template_tools(body)  # a chat request's, or /tokenize's
-        try:
-            return state.chat_template.encode(messages, body.add_generation_prompt, tools)
-        except ToolsNotRenderedError as exc:
-            raise APIError(400, str(exc), param="tools") from exc
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-
-    return await run_in_threadpool(render)
+def render_chat_prompt(state: ServerState, body) -> list[int]:
+    """The rendered and tokenized messages and tools (call it in a worker thread; their size is
+    checked before: check_text_sizes)."""
+    messages = [template_message(m) for m in body.messages]
+    tools = template_tools(body)  # a chat request's, or /tokenize's
+    try:
+        return state.chat_template.encode(messages, body.add_generation_prompt, tools)
+    except ToolsNotRenderedError as exc:
+        raise APIError(400, str(exc), param="tools") from exc
+    except ChatTemplateError as exc:
+        raise APIError(400, str(exc), param="messages") from exc
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
@@ -61,10 +57,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     forced_calls = lambda: tool_grammar(state.tool_parser, body)  # noqa: E731
     grammar, compiled = await output_grammar(state, body, options.cache_salt, options.tenant, forced_calls)
     params = replace(params, grammar=grammar)
-    prompt = await chat_prompt(state, body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
-    job = await start_job(state, request_id, header, [prompt], params, options, compiled, "messages", body.stream)
+    job = await run_in_threadpool(lambda: prepare_job(state, request_id, header, [render_chat_prompt(state, body)],
+                                                      params, options, compiled, "messages", body.stream))
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job)), media_type="text/event-stream")
     return await collected_response(raw, _collect(state, body, job))

@@ -17,7 +17,7 @@ from server.job_runner import collected_response, openai_finish, run_prompts
 from server.logprobs import completion_logprobs, prompt_logprobs_list, with_top
 from server.protocol import CompletionRequest
 from server.serving import (Job, ServerState, capped_output, check_stream_options, request_sampling_params,
-                            sampling_options, start_job)
+                            prepare_job, sampling_options)
 from server.streaming import ChunkStream, UsageCounter, guarded
 from server.structured_outputs import output_grammar
 
@@ -78,11 +78,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     params = request_sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs)
     grammar, compiled = await output_grammar(state, body, options.cache_salt, options.tenant)
     params = replace(params, grammar=grammar)
-    prompts = await run_in_threadpool(_prompts, state, body.prompt, options.windowed)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
-    job = await start_job(state, request_id, header, prompts, params, options, compiled, "prompt", body.stream)
-    prompt_texts = await run_in_threadpool(_prompt_texts, state, body.prompt, job.requests)
+
+    def prepare() -> tuple[Job, list[str]]:  # one worker-thread call: tokenize, check, decode for echo
+        prompts = _prompts(state, body.prompt, options.windowed)
+        job = prepare_job(state, request_id, header, prompts, params, options, compiled, "prompt", body.stream)
+        return job, _prompt_texts(state, body.prompt, job.requests)
+
+    job, prompt_texts = await run_in_threadpool(prepare)
     if body.stream:
         return StreamingResponse(guarded(_stream(state, body, job, prompt_texts)), media_type="text/event-stream")
     return await collected_response(raw, _collect(state, body, job, prompt_texts))

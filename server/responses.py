@@ -35,7 +35,7 @@ from server.response_store import Chain, StoredResponse
 from server.request_text import check_text_sizes, utf8_size
 from server.responses_protocol import ResponseRequest
 from server.serving import (Job, ServerState, capped_output, check_stream_options, request_options, sampling_params,
-                            session_key, start_job)
+                            prepare_job, session_key)
 from server.stored_responses import lookup, message_item, not_found, spawn_session_ends, text_part, using_store
 from server.streaming import stream_error
 
@@ -80,8 +80,9 @@ async def create_response(state: ServerState, body: ResponseRequest, raw: Reques
     turn = _Turn(body, response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), options.tenant,
                  previous, chain, tuple((f"msg_{uuid.uuid4().hex}", role, text) for role, text in body.messages()),
                  params.temperature, params.top_p)
-    prompt = await run_in_threadpool(_prompt, state, turn, params, options.windowed)
-    turn.job = await start_job(state, response_id, {}, [prompt], params, options, None, "input", body.stream)
+    turn.job = await run_in_threadpool(lambda: prepare_job(state, response_id, {}, [_prompt(state, turn, params,
+                                                                                          options.windowed)],
+                                                           params, options, None, "input", body.stream))
     if body.stream:
         return StreamingResponse(_stream(state, turn), media_type="text/event-stream")
     return await collected_response(raw, _collect(state, turn))
@@ -118,7 +119,7 @@ def _prompt(state: ServerState, turn: _Turn, params: SamplingParams, windowed: b
                        code="response_chain_too_long")
     if not windowed and body.truncation == "auto" and not _fits(state, prompt, params):
         prompt = _truncated(state, messages, encode, params)
-    return prompt  # checked by the input processor (serving.start_job)
+    return prompt  # checked by the input processor (serving.prepare_job)
 
 
 def _fits(state: ServerState, prompt: list[int], params: SamplingParams) -> bool:

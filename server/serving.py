@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizers.tokenizer import Tokenizer
@@ -280,16 +279,17 @@ def engine_requests(state: ServerState, request_id: str, prompts: list[list[int]
     return requests
 
 
-async def start_job(state: ServerState, request_id: str, header: dict, prompts: list[list[int]],
-                    params: SamplingParams, options: RequestOptions, compiled_grammar: object | None, param: str,
-                    streamed: bool) -> Job:
-    """The Job of a checked request: its engine requests (off the event loop), its logprobs and
-    the waiting queue checked, and its stop strings' automaton built in a worker thread (up to
-    ~30 ms for 64 strings of 256 characters), where the engine finds it in `automaton_for`'s cache."""
-    requests = await run_in_threadpool(engine_requests, state, request_id, prompts, params, options,
-                                       compiled_grammar, param)
+def prepare_job(state: ServerState, request_id: str, header: dict, prompts: list[list[int]],
+                params: SamplingParams, options: RequestOptions, compiled_grammar: object | None, param: str,
+                streamed: bool) -> Job:
+    """The Job of a checked request: its engine requests, its logprobs and the waiting queue
+    checked, and its stop strings' automaton built (up to ~30 ms for 64 strings of 256
+    characters), where the engine finds it in `automaton_for`'s cache. Call it in a worker thread,
+    in the same call that renders or tokenizes the prompts: each hop to a worker thread is a wait
+    a request pays in its time to first token."""
+    requests = engine_requests(state, request_id, prompts, params, options, compiled_grammar, param)
     check_logprob_volume(state.max_model_len, params, [len(ids) for ids in prompts])
     state.check_capacity(len(prompts) * params.n)
     if params.stop:
-        await run_in_threadpool(automaton_for, params.stop)
+        automaton_for(params.stop)
     return Job(request_id, header, requests, streamed)
