@@ -90,10 +90,12 @@ class InputProcessor:
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                 attention_sinks: int | None = None, attention_window: int | None = None,
                 session_id: str | None = None, deadline: float | None = None, cache_salt: str | None = None,
-                tenant: str | None = None, compiled_grammar: object | None = None) -> EngineRequest:
+                tenant: str | None = None, compiled_grammar: object | None = None,
+                sink_policy: SinkPolicy | None | bool = False) -> EngineRequest:
         """The EngineRequest for a prompt (text or token ids); ValueError for bad input.
 
-        `attention_sinks` / `attention_window` override the engine's StreamingLLM setting;
+        `attention_sinks` / `attention_window` override the engine's StreamingLLM setting, unless
+        `sink_policy` is given: a policy `self.sink_policy` resolved already (None: dense);
         `session_id` keeps the request's cache for the session's next request (sessions.py);
         `cache_salt` lets it share prefix-cache blocks only with requests of the same salt;
         `tenant` (an API key's id) is whose share of the idle sessions' memory its session
@@ -105,7 +107,7 @@ class InputProcessor:
         if session_id is not None and params.prompt_logprobs is not None:
             raise ValueError("a session request cannot ask for prompt logprobs")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        policy = self.sink_policy(attention_sinks, attention_window)
+        policy = self.sink_policy(attention_sinks, attention_window) if sink_policy is False else sink_policy
         self.check_prompt(token_ids, params, policy)
         return EngineRequest(request_id, token_ids, params, policy, session_id, cache_salt, tenant, deadline,
                              compiled_grammar)

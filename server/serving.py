@@ -254,15 +254,12 @@ def engine_requests(state: ServerState, request_id: str, prompts: list[list[int]
     """The engine's request for each prompt (`{request_id}-{index}`), built and checked by its input
     processor: call it in a worker thread. A prompt past the context is a 400 as OpenAI words it
     (naming `param`, the messages or the prompt), any other problem a 400 naming its field."""
-    policy = options.sink_policy
-    # The policy decided once, handed over as the two numbers it is made of (0: dense).
-    sinks, window = (policy.num_sinks, policy.window) if policy is not None else (None, 0)
     process = state.engine.input_processor.process
     requests = []
     for index, token_ids in enumerate(prompts):
         try:
-            requests.append(process(f"{request_id}-{index}", token_ids, params, attention_sinks=sinks,
-                                    attention_window=window, session_id=options.session_id,
+            requests.append(process(f"{request_id}-{index}", token_ids, params, sink_policy=options.sink_policy,
+                                    session_id=options.session_id,
                                     deadline=options.deadline, cache_salt=options.cache_salt,
                                     tenant=options.tenant, compiled_grammar=compiled_grammar))
         except PromptTooLongError as exc:
