@@ -22,6 +22,14 @@ class PromptTooLongError(ValueError):
     """The prompt plus max_tokens does not fit the model's context."""
 
 
+class InputError(ValueError):
+    """A request the engine cannot take; `param` names the field at fault (None: the prompt)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class InputLimits:
     """What the engine was built with that bounds a request."""
@@ -72,9 +80,9 @@ class InputProcessor:
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+            raise InputError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+            raise InputError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if policy is not None:
             if policy.capacity_blocks() > limits.num_kv_blocks:
                 raise ValueError("the KV pool cannot hold one sequence under this sink policy")

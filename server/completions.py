@@ -48,8 +48,11 @@ def _prompts(state: ServerState, prompt, windowed: bool) -> list[list[int]]:
     return prompt
 
 
-def _prompt_texts(state: ServerState, prompt, requests: list) -> list[str]:
-    """The text of each prompt (its token ids decoded, once the input processor checked them)."""
+def _prompt_texts(state: ServerState, prompt, requests: list, echo: bool) -> list[str]:
+    """The text of each prompt for `echo` (token ids decoded once the input processor checked
+    them); without echo nobody reads it."""
+    if not echo:
+        return [""] * len(requests)
     if isinstance(prompt, str) or isinstance(prompt[0], str):
         return [prompt] if isinstance(prompt, str) else list(prompt)
     return [state.tokenizer.decode(request.prompt_token_ids) for request in requests]
@@ -84,7 +87,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     def prepare() -> tuple[Job, list[str]]:  # one worker-thread call: tokenize, check, decode for echo
         prompts = _prompts(state, body.prompt, options.windowed)
         job = prepare_job(state, request_id, header, prompts, params, options, compiled, "prompt", body.stream)
-        return job, _prompt_texts(state, body.prompt, job.requests)
+        return job, _prompt_texts(state, body.prompt, job.requests, body.echo)
 
     job, prompt_texts = await run_in_threadpool(prepare)
     if body.stream:

@@ -43,8 +43,6 @@ _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 # The fields of SamplingParams whose default a request that leaves them out takes from the
 # model's generation config (server/generation_config.py), with the API's own default.
 _MODEL_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "min_p": 0.0, "repetition_penalty": 1.0}
-# The sampling fields that name a token id, and the parameter an out-of-range id is refused in.
-_TOKEN_ID_PARAMS = ("logit_bias", "stop_token_ids")
 
 
 @dataclass
@@ -271,8 +269,7 @@ def engine_requests(state: ServerState, request_id: str, prompts: list[list[int]
                      f"in the completion). Please reduce the length of the {where} or completion.",
                 param=param, code="context_length_exceeded") from exc
         except ValueError as exc:
-            field_param = next((name for name in _TOKEN_ID_PARAMS if str(exc).startswith(name)), param)
-            raise APIError(400, str(exc), param=field_param) from exc
+            raise APIError(400, str(exc), param=getattr(exc, "param", None) or param) from exc
     return requests
 
 

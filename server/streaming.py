@@ -42,10 +42,14 @@ class UsageCounter:
         self.completion_tokens = 0  # of the finished completions
         self.cached_tokens = 0
         self._output_tokens: dict[tuple[int, int], int] = {}  # (prompt, completion) -> tokens so far
+        self._output_total = 0  # their sum
 
     def add(self, prompt_index: int, out: RequestOutput) -> None:
         key = (prompt_index, out.index)
-        self._output_tokens[key] = max(out.num_output_tokens, self._output_tokens.get(key, 0))
+        previous = self._output_tokens.get(key, 0)
+        if out.num_output_tokens > previous:
+            self._output_tokens[key] = out.num_output_tokens
+            self._output_total += out.num_output_tokens - previous
         if out.finished:
             self.completion_tokens += out.num_output_tokens
             if out.index == 0:
@@ -53,9 +57,8 @@ class UsageCounter:
 
     def so_far(self) -> dict:
         """`stream_options.continuous_usage_stats`'s usage."""
-        completion_tokens = sum(self._output_tokens.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self._output_total,
+                "total_tokens": self.prompt_tokens + self._output_total}
 
     def total(self) -> dict:
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)

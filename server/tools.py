@@ -62,10 +62,7 @@ def tool_grammar(parser: ToolParser, body: ChatCompletionRequest) -> str | None:
     if choice in (None, "auto"):
         if not any(tool.function.strict for tool in body.tools):
             return None
-        content = response_format_schema(body)
-        if content is False:
-            raise APIError(400, "response_format is not a valid grammar: the schema false allows no value",
-                           param="response_format")
+        content = response_format_schema(body)  # not False: requested_grammar refused that first
         return lark_grammar(parser.auto_grammar(template_tools(body), body.parallel_tool_calls,
                                                 {} if content is True else content))
     if choice == "required":
