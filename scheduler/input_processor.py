@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizers.tokenizer import Tokenizer
 from scheduler.engine_request import EngineRequest
 from scheduler.sink_policy import SinkPolicy
@@ -20,14 +20,6 @@ from scheduler.sink_policy import SinkPolicy
 
 class PromptTooLongError(ValueError):
     """The prompt plus max_tokens does not fit the model's context."""
-
-
-class InputError(ValueError):
-    """A request the engine cannot take; `param` names the field at fault (None: the prompt)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -80,9 +72,9 @@ class InputProcessor:
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
-            raise InputError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+            raise SamplingParamsError("logit_bias", f"logit_bias token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise InputError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+            raise SamplingParamsError("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
         if policy is not None:
             if policy.capacity_blocks() > limits.num_kv_blocks:
                 raise ValueError("the KV pool cannot hold one sequence under this sink policy")

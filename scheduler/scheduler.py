@@ -13,6 +13,7 @@ alone (`schedule_alone`) to find the one that fails (fault_isolation.py).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -219,8 +220,8 @@ class Scheduler:
     def _complete(self, batch: SchedulerOutput) -> SchedulerOutput:
         """Write a non-empty step out as the executor's plain data."""
         if batch.requests:
-            batch.model_input = build_model_input(batch, self.block_manager.block_table, self._finished_request_ids)
-            self._finished_request_ids = []
+            finished, self._finished_request_ids = self._finished_request_ids, []
+            batch.build_input = functools.partial(build_model_input, batch, self.block_manager.block_table, finished)
         return batch
 
     def _add(self, batch: SchedulerOutput, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:

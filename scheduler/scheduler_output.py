@@ -22,7 +22,9 @@ class SchedulerOutput:
     """One step's work. `requests[i]` computes `num_new_tokens[i]` tokens from its
     `num_computed_tokens`; decodes come first. `samplers` are the requests that sample a token
     after this step, each with the batch row whose last token's logits it samples from (forked
-    completions share their parent's row). `model_input` is set once the step is complete."""
+    completions share their parent's row). `model_input` is the step as plain data, built on
+    first read (None for an empty step): the engine reads it first inside the part of the step
+    whose failure fault isolation handles (engine.py `_execute`)."""
 
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
@@ -30,7 +32,14 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # completions created this step (n > 1)
     scheduled: set[Request] = field(default_factory=set)  # the requests and samplers above, never preempted
-    model_input: ModelInput | None = None
+    build_input: Callable[[], ModelInput] | None = None  # set by the scheduler once the step is complete
+    _model_input: ModelInput | None = None
+
+    @property
+    def model_input(self) -> ModelInput | None:
+        if self._model_input is None and self.build_input is not None:
+            self._model_input = self.build_input()
+        return self._model_input
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +59,7 @@ def build_model_input(output: SchedulerOutput, block_table: Callable[[str], list
         start = request.num_computed_tokens
         token_ids.extend(request.token_ids[start:start + num_new])
         context_lens.append(request.num_kept_tokens + num_new)
-        tables.append(block_table(request.request_id))
+        tables.append(list(block_table(request.request_id)))  # a copy: the message is plain data
         sink_lens.append(request.sink_policy.num_sinks if request.sink_policy else 0)
         sink_gaps.append(request.sink_gap)
         num_evicted.append(request.num_evicted_tokens)

@@ -36,6 +36,7 @@ def test_scheduler_output_of_a_known_schedule():
     assert inp.token_ids == [1, 2, 3, 4, 5, 6, 7, 8]
     assert inp.query_lens == [3, 5] and inp.context_lens == [3, 5]
     assert inp.block_tables == [sched.block_manager.block_table("a"), sched.block_manager.block_table("b")]
+    assert inp.block_tables[0] is not sched.block_manager.block_table("a")  # a copy, not the live table
     assert [len(t) for t in inp.block_tables] == [1, 2]
     assert inp.sample_seq_indices == [0]  # b is mid-prompt: it does not sample
     assert inp.sampling_rows == [SamplingInput("a", a.params, seed=7, num_output_tokens=0)]
@@ -170,3 +171,31 @@ def test_min_tokens_bans_the_stop_tokens_on_the_runner_side(engine):
             sink_lens=[0], sink_gaps=[0], num_evicted=[0]))
         [token] = engine.executor.sample_tokens(GrammarBitmask([0], allowed.clone())).sampled_token_ids
         assert token in (eos, 7) and (expected is None or token == expected)
+
+
+def test_a_request_whose_step_input_cannot_be_built_fails_alone(monkeypatch):
+    """Building the step's plain data is part of the step that fault isolation guards: a request
+    that breaks it ends with "error", the others finish, the engine goes on."""
+    from scheduler import scheduler as scheduler_module
+
+    engine = Engine(device="cpu", num_kv_blocks=256, block_size=4, seed=0)
+    build = scheduler_module.build_model_input
+
+    def poisoned(output, block_table, finished):
+        if any(r.group_id == "bad" for r in output.requests):
+            raise RuntimeError("cannot build this step")
+        return build(output, block_table, finished)
+
+    monkeypatch.setattr(scheduler_module, "build_model_input", poisoned)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("good", [1, 2, 3], greedy)
+    engine.add_request("bad", [4, 5, 6], greedy)
+    reasons = {}
+    for _ in range(100):
+        for out in engine.step():
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        if not engine.has_unfinished_requests():
+            break
+    assert reasons == {"good": "length", "bad": "error"}
+    assert engine.block_manager.num_used_blocks == 0

@@ -39,16 +39,17 @@ def test_the_sink_policy_comes_from_the_options_or_as_resolved(processor):
         processor.process("r", [1, 2, 3], SamplingParams(), attention_sinks=0, attention_window=40)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ([], SamplingParams(), "the prompt is empty"),
-    ([1, 512], SamplingParams(), r"prompt token ids must be in \[0, 512\)"),
-    ([1], SamplingParams(logit_bias={600: 1.0}), r"logit_bias token ids must be in \[0, 512\)"),
-    ([1], SamplingParams(stop_token_ids=[512]), r"stop_token_ids must be in \[0, 512\)"),
-    ([1], SamplingParams(n=5), "n=5 is more than max_num_seqs=4"),
+@pytest.mark.parametrize("prompt, params, message, param", [
+    ([], SamplingParams(), "the prompt is empty", None),
+    ([1, 512], SamplingParams(), r"prompt token ids must be in \[0, 512\)", None),
+    ([1], SamplingParams(logit_bias={600: 1.0}), r"logit_bias token ids must be in \[0, 512\)", "logit_bias"),
+    ([1], SamplingParams(stop_token_ids=[512]), r"stop_token_ids must be in \[0, 512\)", "stop_token_ids"),
+    ([1], SamplingParams(n=5), "n=5 is more than max_num_seqs=4", None),
 ])
-def test_bad_input_is_a_value_error_naming_it(processor, prompt, params, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_input_is_a_value_error_naming_it(processor, prompt, params, message, param):
+    with pytest.raises(ValueError, match=message) as raised:
         processor.process("r", prompt, params)
+    assert getattr(raised.value, "param", None) == param
 
 
 def test_the_context_bounds_a_dense_request_but_not_a_windowed_one(processor):
